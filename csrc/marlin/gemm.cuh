@@ -1,0 +1,1 @@
+// Marlin W4A16 GEMM.

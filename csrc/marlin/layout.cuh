@@ -1,0 +1,1 @@
+// Marlin layout kernels.

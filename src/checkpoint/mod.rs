@@ -1,0 +1,1 @@
+//! Checkpoints: safetensors readers and writers for compressed-tensors, GPTQ and Marlin formats.

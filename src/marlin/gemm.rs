@@ -1,0 +1,1 @@
+//! The Marlin W4A16 GEMM (DESIGN §4): tile-config selection, workspace, `MarlinLinear`.
