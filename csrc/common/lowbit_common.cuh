@@ -83,9 +83,10 @@ __device__ __forceinline__ float block_max(float x) {
     return r;
 }
 
-// Records the smallest offending index in a status word initialised to all ones.
-__device__ __forceinline__ void report_min(unsigned long long *word, unsigned long long index) {
-    if (word != nullptr) atomicMin(word, index);
+// Records the smallest offending index in status word `slot` (initialised to all ones by the
+// host). A null status array means the caller opted out of checking.
+__device__ __forceinline__ void report_min(unsigned long long *status, int slot, unsigned long long index) {
+    if (status != nullptr) atomicMin(status + slot, index);
 }
 
 } // namespace lowbit

@@ -26,7 +26,7 @@ typedef struct LowbitQuantParams {
     void *out;              /* [rows, k] fake-quantized weights (fwd) or dW (bwd); may be null */
     void *scales;           /* [rows, k / group] stored scales, scale dtype; may be null */
     int32_t *packed;        /* [rows, k / 8] compressed-tensors packed codes; may be null */
-    unsigned long long *status; /* LOWBIT_STATUS_WORDS words */
+    unsigned long long *status; /* LOWBIT_STATUS_WORDS words, or null: no checking */
     int64_t rows;
     int64_t k;
     int64_t group;

@@ -57,7 +57,7 @@ __device__ __forceinline__ void check_finite(const LowbitQuantParams &p, long lo
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         if (!isfinite(v[i])) {
-            report_min(p.status + LOWBIT_STATUS_NONFINITE, (unsigned long long)(e + i));
+            report_min(p.status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(e + i));
             break;
         }
     }
@@ -91,7 +91,7 @@ __device__ __forceinline__ void quant_grouped(const LowbitQuantParams &p) {
         const float sf = stored_scale<S>(amax, &stored);
         const long long group = (c * 8) / p.group;
         if (threadIdx.x % width == 0) {
-            if (!isfinite(sf)) report_min(p.status + LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)group);
+            if (!isfinite(sf)) report_min(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)group);
             if (!BWD && p.scales != nullptr) reinterpret_cast<S *>(p.scales)[group] = stored;
         }
         finish_chunk<T, S, BWD>(p, c * 8, v, sf);
@@ -118,7 +118,7 @@ __device__ __forceinline__ void quant_rowwise(const LowbitQuantParams &p) {
         S stored;
         const float sf = stored_scale<S>(amax, &stored);
         if (threadIdx.x == 0) {
-            if (!isfinite(sf)) report_min(p.status + LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)g);
+            if (!isfinite(sf)) report_min(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)g);
             if (!BWD && p.scales != nullptr) reinterpret_cast<S *>(p.scales)[g] = stored;
         }
         for (long long c = threadIdx.x; c < chunks; c += blockDim.x) {

@@ -21,13 +21,24 @@ pub use crate::reference::quant::SteMode;
 const FAMILY: &str = "quant";
 const THREADS: u32 = 256;
 
-/// Which optional outputs the fake-quant forward pass also writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which optional outputs the fake-quant forward pass also writes, and whether it checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FakeQuantOptions {
     /// Also return the stored scales `[N, K/g]`.
     pub scales: bool,
     /// Also return the compressed-tensors packed codes `[N, K/8]` (export in the same pass).
     pub packed: bool,
+    /// Check for non-finite weights and overflowing scales (default `true`). The check reads a
+    /// status word back, which waits for the kernel; a trainer that already guards against
+    /// non-finite weights can turn it off to keep the call asynchronous, accepting that a NaN
+    /// weight then yields unspecified outputs for its group.
+    pub check_finite: bool,
+}
+
+impl Default for FakeQuantOptions {
+    fn default() -> Self {
+        FakeQuantOptions { scales: false, packed: false, check_finite: true }
+    }
 }
 
 /// Outputs of [`fake_quant_fwd`].
@@ -68,6 +79,7 @@ fn run_quant<T: Float, S: ScaleFloat>(
     dev: &Device,
     op: &'static str,
     bwd: bool,
+    check: bool,
     w: &impl DevicePtr<T>,
     grad: Option<&CudaSlice<T>>,
     out: Option<&mut CudaSlice<T>>,
@@ -78,7 +90,7 @@ fn run_quant<T: Float, S: ScaleFloat>(
     let name = kernel_name(if bwd { "fq_bwd" } else { "fq_fwd" }, shape, T::DTYPE.name(), S::DTYPE.name());
     let func = dev.function(FAMILY, &name, 0)?;
     let align = VEC_ALIGN;
-    let mut status = dev.htod(&[u64::MAX; ffi::LOWBIT_STATUS_WORDS as usize])?;
+    let mut status = if check { Some(dev.htod(&[u64::MAX; ffi::LOWBIT_STATUS_WORDS as usize])?) } else { None };
     {
         let (w_ptr, _g1) = dev.ptr(op, "weights", w, align)?;
         let grad_guard = grad.map(|g| dev.ptr(op, "grad", g, align)).transpose()?;
@@ -94,14 +106,17 @@ fn run_quant<T: Float, S: ScaleFloat>(
             Some(p) => Some(dev.ptr_mut(op, "packed", p, 4)?),
             None => None,
         };
-        let (status_ptr, _g2) = dev.ptr_mut(op, "status", &mut status, 8)?;
+        let status_guard = match status.as_mut() {
+            Some(s) => Some(dev.ptr_mut(op, "status", s, 8)?),
+            None => None,
+        };
         let params = ffi::LowbitQuantParams {
             w: w_ptr as *const _,
             grad_in: grad_guard.as_ref().map_or(0, |g| g.0) as *const _,
             out: out_guard.as_ref().map_or(0, |g| g.0) as *mut _,
             scales: scales_guard.as_ref().map_or(0, |g| g.0) as *mut _,
             packed: packed_guard.as_ref().map_or(0, |g| g.0) as *mut _,
-            status: status_ptr as *mut _,
+            status: status_guard.as_ref().map_or(0, |g| g.0) as *mut _,
             rows: shape.n as i64,
             k: shape.k as i64,
             group: shape.group as i64,
@@ -121,6 +136,7 @@ fn run_quant<T: Float, S: ScaleFloat>(
         // accesses; the guards keep them ordered on the stream until after the launch.
         unsafe { dev.launch(&func, cfg, params)? };
     }
+    let Some(status) = status else { return Ok(()) };
     let st = dev.dtoh(&status)?;
     if st[ffi::LOWBIT_STATUS_NONFINITE as usize] != u64::MAX {
         let e = st[ffi::LOWBIT_STATUS_NONFINITE as usize] as usize;
@@ -148,7 +164,7 @@ pub fn fake_quant_fwd<T: Float, S: ScaleFloat>(
     let mut weights = unsafe { dev.alloc_for_kernel::<T>(shape.numel())? };
     let mut scales = if opts.scales { Some(unsafe { dev.alloc_for_kernel::<S>(shape.scales_len())? }) } else { None };
     let mut packed = if opts.packed { Some(unsafe { dev.alloc_for_kernel::<i32>(shape.packed_len())? }) } else { None };
-    run_quant::<T, S>(dev, OP, false, w, None, Some(&mut weights), scales.as_mut(), packed.as_mut(), shape)?;
+    run_quant::<T, S>(dev, OP, false, opts.check_finite, w, None, Some(&mut weights), scales.as_mut(), packed.as_mut(), shape)?;
     Ok(FakeQuantOutput { weights, scales, packed })
 }
 
@@ -174,7 +190,7 @@ pub fn fake_quant_bwd<T: Float, S: ScaleFloat>(
         SteMode::ClipMask => {
             // SAFETY: the kernel writes every element; on error the buffer is dropped.
             let mut dw = unsafe { dev.alloc_for_kernel::<T>(shape.numel())? };
-            run_quant::<T, S>(dev, OP, true, w, Some(grad), Some(&mut dw), None, None, shape)?;
+            run_quant::<T, S>(dev, OP, true, true, w, Some(grad), Some(&mut dw), None, None, shape)?;
             Ok(dw)
         }
     }
@@ -191,7 +207,7 @@ pub fn quantize_pack<T: Float, S: ScaleFloat>(
     // SAFETY: the kernel writes every element of both outputs; on error they are dropped.
     let mut scales = unsafe { dev.alloc_for_kernel::<S>(shape.scales_len())? };
     let mut packed = unsafe { dev.alloc_for_kernel::<i32>(shape.packed_len())? };
-    run_quant::<T, S>(dev, OP, false, w, None, None, Some(&mut scales), Some(&mut packed), shape)?;
+    run_quant::<T, S>(dev, OP, false, true, w, None, None, Some(&mut scales), Some(&mut packed), shape)?;
     Ok(PackedWeights { packed, scales, shape: *shape })
 }
 
