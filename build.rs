@@ -43,15 +43,7 @@ fn main() {
     let csrc = root.join("csrc");
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-changed=build.rs");
-    for v in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "NVCC_CCBIN",
-        "CXX",
-        "LOWBIT_CUDA_ARCHS",
-        "LOWBIT_REQUIRE_KERNELS",
-    ] {
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "NVCC_CCBIN", "CXX", "LOWBIT_CUDA_ARCHS", "LOWBIT_REQUIRE_KERNELS"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let toolchain = root.join(".toolchain");
@@ -85,8 +77,7 @@ fn main() {
                 let handles: Vec<_> = families
                     .iter()
                     .map(|f| {
-                        let (nvcc, ccbin, archs, out, csrc, ver) =
-                            (nvcc, &ccbin, &archs, &out, &csrc, &nvcc_version);
+                        let (nvcc, ccbin, archs, out, csrc, ver) = (nvcc, &ccbin, &archs, &out, &csrc, &nvcc_version);
                         s.spawn(move || compile_family(f, nvcc, ccbin, archs, out, csrc, ver))
                     })
                     .collect();
@@ -132,11 +123,7 @@ fn parse_archs() -> Vec<String> {
 }
 
 fn runs(nvcc: &Path) -> bool {
-    Command::new(nvcc)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new(nvcc).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
@@ -190,21 +177,12 @@ fn host_compiler() -> Option<PathBuf> {
     if let Some(p) = env::var_os("NVCC_CCBIN") {
         return Some(PathBuf::from(p));
     }
-    cc::Build::new()
-        .cpp(true)
-        .cargo_metadata(false)
-        .try_get_compiler()
-        .ok()
-        .map(|c| c.path().to_path_buf())
+    cc::Build::new().cpp(true).cargo_metadata(false).try_get_compiler().ok().map(|c| c.path().to_path_buf())
 }
 
 fn discover_families(csrc: &Path) -> std::io::Result<Vec<Family>> {
     let mut families = Vec::new();
-    let mut dirs: Vec<PathBuf> = fs::read_dir(csrc)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let mut dirs: Vec<PathBuf> = fs::read_dir(csrc)?.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
@@ -231,9 +209,9 @@ fn discover_families(csrc: &Path) -> std::io::Result<Vec<Family>> {
                 if fields.len() != 4 {
                     panic!("{}:{}: expected `name threads Params call`", list.display(), lineno + 1);
                 }
-                let threads = fields[1].parse().unwrap_or_else(|_| {
-                    panic!("{}:{}: thread count `{}`", list.display(), lineno + 1, fields[1])
-                });
+                let threads = fields[1]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{}:{}: thread count `{}`", list.display(), lineno + 1, fields[1]));
                 instances.push(Instance {
                     name: fields[0].to_string(),
                     threads,
@@ -251,11 +229,7 @@ fn discover_families(csrc: &Path) -> std::io::Result<Vec<Family>> {
 }
 
 fn sorted_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)?.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
     v.sort();
     Ok(v)
 }
@@ -323,8 +297,6 @@ fn compile_family(
         );
     }
     let tu_path = out.join(format!("{}_tu.cu", f.name));
-    let fatbin = out.join(format!("{}.fatbin", f.name));
-    let stamp = out.join(format!("{}.hash", f.name));
 
     let mut args: Vec<String> = vec![
         "-fatbin".into(),
@@ -353,26 +325,36 @@ fn compile_family(
     hash_dir(&f.dir, &mut h);
     hash_dir(&csrc.join("include"), &mut h);
     hash_dir(&csrc.join("common"), &mut h);
-    let key = format!("{:016x}", h.finish());
-    if fatbin.is_file() && fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) {
+    // Fatbins are cached by content hash in a directory shared by every profile of this target
+    // dir (cargo check, clippy, test and release builds all reuse one compilation).
+    let cache = kernel_cache_dir(out);
+    let fatbin = cache.join(format!("{}-{:016x}.fatbin", f.name, h.finish()));
+    if fatbin.is_file() {
         return Ok(fatbin);
     }
+    fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
     fs::write(&tu_path, &tu).map_err(|e| e.to_string())?;
-    let _ = fs::remove_file(&stamp);
+    let partial = fatbin.with_extension(format!("partial-{}", std::process::id()));
     let output = Command::new(nvcc)
         .args(&args)
         .arg("-o")
-        .arg(&fatbin)
+        .arg(&partial)
         .arg(&tu_path)
         .output()
         .map_err(|e| format!("running {}: {e}", nvcc.display()))?;
     let log = String::from_utf8_lossy(&output.stderr).to_string();
     fs::write(out.join(format!("{}.ptxas.log", f.name)), &log).ok();
     if !output.status.success() {
+        let _ = fs::remove_file(&partial);
         return Err(log);
     }
-    fs::write(&stamp, key).map_err(|e| e.to_string())?;
+    fs::rename(&partial, &fatbin).map_err(|e| e.to_string())?;
     Ok(fatbin)
+}
+
+/// `<target>/lowbit-kernel-cache`, derived from `OUT_DIR` (`<target>/<profile>/build/<pkg>/out`).
+fn kernel_cache_dir(out: &Path) -> PathBuf {
+    out.ancestors().nth(4).map_or_else(|| out.to_path_buf(), |t| t.join("lowbit-kernel-cache"))
 }
 
 fn write_kernel_table(

@@ -51,12 +51,19 @@ fn main() {
         Err(e) => return println!("bench quant: skipped ({e})"),
     };
     let copy = copy_bandwidth(&dev);
-    println!("device: {} ({} SMs); device-to-device copy: {copy:.0} GB/s (read + write)", dev.info().name, dev.info().sm_count);
+    println!(
+        "device: {} ({} SMs); device-to-device copy: {copy:.0} GB/s (read + write)",
+        dev.info().name,
+        dev.info().sm_count
+    );
     let cases = [
         Case { name: "dense 7168x18432 g128", shape: QuantShape::new(7168, 18432, GroupSize::Group(128)).unwrap() },
         Case { name: "kimi w13 4096x7168 g32", shape: QuantShape::new(4096, 7168, GroupSize::Group(32)).unwrap() },
         Case { name: "kimi w2 7168x2048 g32", shape: QuantShape::new(7168, 2048, GroupSize::Group(32)).unwrap() },
-        Case { name: "llama 8192x8192 channelwise", shape: QuantShape::new(8192, 8192, GroupSize::Channelwise).unwrap() },
+        Case {
+            name: "llama 8192x8192 channelwise",
+            shape: QuantShape::new(8192, 8192, GroupSize::Channelwise).unwrap(),
+        },
     ];
     let mut c = Criterion::default().configure_from_args().sample_size(20).warm_up_time(Duration::from_millis(300));
     let mut summary = Vec::new();
@@ -70,7 +77,12 @@ fn main() {
         let packed_bytes = s.packed_len() * 4 + s.scales_len() * 2;
         let variants: [(&str, usize, FakeQuantOptions, bool); 4] = [
             ("fake_quant_fwd", 2 * bytes_in, FakeQuantOptions { check_finite: true, ..Default::default() }, false),
-            ("fake_quant_fwd unchecked", 2 * bytes_in, FakeQuantOptions { check_finite: false, ..Default::default() }, false),
+            (
+                "fake_quant_fwd unchecked",
+                2 * bytes_in,
+                FakeQuantOptions { check_finite: false, ..Default::default() },
+                false,
+            ),
             (
                 "fake_quant_fwd +scales +packed unchecked",
                 2 * bytes_in + packed_bytes,

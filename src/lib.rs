@@ -30,5 +30,5 @@ pub use device::Device;
 pub use dtype::{DType, Float, ScaleFloat};
 pub use error::{Error, Result};
 pub use format::{GroupSize, QuantShape};
-pub use reference::quant::SteMode;
 pub use half::{bf16, f16};
+pub use reference::quant::SteMode;

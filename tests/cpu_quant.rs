@@ -6,7 +6,8 @@ use lowbit::reference::quant::{self as rq, SteMode};
 use lowbit::reference::rng::Rng;
 use lowbit::{bf16, f16, Error, Float, ScaleFloat};
 
-const GROUPS: [GroupSize; 4] = [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
+const GROUPS: [GroupSize; 4] =
+    [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
 
 fn bits<T: Float>(v: &[T]) -> Vec<u32> {
     v.iter().map(|x| x.to_f32().to_bits()).collect()

@@ -9,7 +9,8 @@ use lowbit::reference::quant as rq;
 use lowbit::reference::rng::Rng;
 use lowbit::{bf16, f16, Device, Error, Float, ScaleFloat, SteMode};
 
-const GROUPS: [GroupSize; 4] = [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
+const GROUPS: [GroupSize; 4] =
+    [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
 
 fn weights<T: Float>(rng: &mut Rng, shape: &QuantShape) -> Vec<T> {
     let (n, k) = (shape.n, shape.k);
@@ -98,7 +99,9 @@ fn random_shapes() {
 fn layout_conversions_match_reference() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(5);
-    for (n, k, g) in [(64, 256, GroupSize::Group(128)), (100, 1024, GroupSize::Group(32)), (4096, 7168, GroupSize::Group(32))] {
+    for (n, k, g) in
+        [(64, 256, GroupSize::Group(128)), (100, 1024, GroupSize::Group(32)), (4096, 7168, GroupSize::Group(32))]
+    {
         let shape = QuantShape::new(n, k, g).unwrap();
         let w: Vec<bf16> = rng.normal_vec(shape.numel(), 0.1);
         let (packed, scales) = rq::quantize_pack::<bf16, bf16>(&w, &shape).unwrap();

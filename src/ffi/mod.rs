@@ -4,6 +4,7 @@
 
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code, clippy::all)]
 
+#[rustfmt::skip]
 mod bindings;
 pub use bindings::*;
 

@@ -58,10 +58,9 @@ impl GroupSize {
                 }
                 Ok(g)
             }
-            GroupSize::Group(g) => Err(Error::invalid(
-                op,
-                format!("group size {g} is not supported (32, 64, 128 or channelwise)"),
-            )),
+            GroupSize::Group(g) => {
+                Err(Error::invalid(op, format!("group size {g} is not supported (32, 64, 128 or channelwise)")))
+            }
         }
     }
 }
@@ -150,10 +149,7 @@ pub fn pack(codes: &[i8], shape: &QuantShape) -> Result<Vec<i32>> {
     if let Some(i) = codes.iter().position(|&q| !(-QMAX..=QMAX).contains(&(q as i32))) {
         return Err(Error::invalid(OP, format!("code {} at index {i} is outside [-7, 7]", codes[i])));
     }
-    Ok(codes
-        .chunks_exact(PACK)
-        .map(|c| pack8(c.try_into().expect("chunks of 8")))
-        .collect())
+    Ok(codes.chunks_exact(PACK).map(|c| pack8(c.try_into().expect("chunks of 8"))).collect())
 }
 
 pub(crate) fn check_len(op: &'static str, name: &'static str, got: usize, expected: usize) -> Result<()> {

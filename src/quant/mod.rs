@@ -164,7 +164,18 @@ pub fn fake_quant_fwd<T: Float, S: ScaleFloat>(
     let mut weights = unsafe { dev.alloc_for_kernel::<T>(shape.numel())? };
     let mut scales = if opts.scales { Some(unsafe { dev.alloc_for_kernel::<S>(shape.scales_len())? }) } else { None };
     let mut packed = if opts.packed { Some(unsafe { dev.alloc_for_kernel::<i32>(shape.packed_len())? }) } else { None };
-    run_quant::<T, S>(dev, OP, false, opts.check_finite, w, None, Some(&mut weights), scales.as_mut(), packed.as_mut(), shape)?;
+    run_quant::<T, S>(
+        dev,
+        OP,
+        false,
+        opts.check_finite,
+        w,
+        None,
+        Some(&mut weights),
+        scales.as_mut(),
+        packed.as_mut(),
+        shape,
+    )?;
     Ok(FakeQuantOutput { weights, scales, packed })
 }
 
@@ -258,7 +269,8 @@ fn transpose_words<E: cudarc::driver::DeviceRepr>(
     {
         let (s, _g1) = dev.ptr(op, "src", src, 1)?;
         let (d, _g2) = dev.ptr_mut(op, "dst", &mut dst, 1)?;
-        let params = ffi::LowbitTransposeParams { src: s as *const _, dst: d as *mut _, rows: rows as i64, cols: cols as i64 };
+        let params =
+            ffi::LowbitTransposeParams { src: s as *const _, dst: d as *mut _, rows: rows as i64, cols: cols as i64 };
         let tiles = rows.div_ceil(32) * cols.div_ceil(32);
         let cfg = LaunchConfig {
             grid_dim: (tiles.clamp(1, dev.info().sm_count.max(1) * 32) as u32, 1, 1),
@@ -283,6 +295,11 @@ pub fn gptq_to_ct(dev: &Device, qweight: &CudaSlice<i32>, shape: &QuantShape) ->
 
 /// Scales between compressed-tensors `[N, K/g]` and GPTQ `[K/g, N]` (either direction:
 /// pass the source's `rows, cols`).
-pub fn transpose_scales<S: ScaleFloat>(dev: &Device, scales: &CudaSlice<S>, rows: usize, cols: usize) -> Result<CudaSlice<S>> {
+pub fn transpose_scales<S: ScaleFloat>(
+    dev: &Device,
+    scales: &CudaSlice<S>,
+    rows: usize,
+    cols: usize,
+) -> Result<CudaSlice<S>> {
     transpose_words(dev, "transpose_scales", scales, rows, cols)
 }

@@ -207,9 +207,6 @@ mod tests {
     fn f16_scale_overflow_is_an_error() {
         let shape = QuantShape::new(1, 32, GroupSize::Group(32)).unwrap();
         let w = vec![1e6f32; 32];
-        assert!(matches!(
-            quantize::<f32, half::f16>(&w, &shape),
-            Err(Error::ScaleOverflow { row: 0, group: 0, .. })
-        ));
+        assert!(matches!(quantize::<f32, half::f16>(&w, &shape), Err(Error::ScaleOverflow { row: 0, group: 0, .. })));
     }
 }
