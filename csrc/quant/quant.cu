@@ -9,25 +9,13 @@
 
 #include "lowbit.h"
 #include "lowbit_common.cuh"
+#include "lowbit_int4.cuh"
 
 namespace lowbit {
 namespace quant {
 
-template <typename S>
-__device__ __forceinline__ float stored_scale(float amax, S *stored) {
-    const float s32 = fmaxf(amax / 7.0f, (float)LOWBIT_MIN_SCALE);
-    const S s = Num<S>::from_f32(s32);
-    *stored = s;
-    return Num<S>::to_f32(s);
-}
-
-// q = clamp(rint(w / s), -7, 7); `clipped` when the rounded value fell outside the grid.
-__device__ __forceinline__ int quant_code(float w, float s, bool *clipped) {
-    float q = rintf(w / s);
-    *clipped = !(q >= -(float)LOWBIT_QMAX && q <= (float)LOWBIT_QMAX);
-    q = fminf(fmaxf(q, -(float)LOWBIT_QMAX), (float)LOWBIT_QMAX);
-    return (int)q;
-}
+using qgrid::quant_code;
+using qgrid::stored_scale;
 
 // Quantizes (or masks the gradient of) one chunk of 8 consecutive elements whose group scale
 // is known. `e` is the flat element index of the chunk's first element.
