@@ -16,9 +16,7 @@ fn bits<T: Float>(v: &[T]) -> Vec<u32> {
 /// Weights with the awkward cases mixed in: zero rows, huge and tiny magnitudes, exact ties.
 fn awkward_weights<T: Float>(rng: &mut Rng, n: usize, k: usize) -> Vec<T> {
     let mut w: Vec<T> = rng.normal_vec(n * k, 0.02);
-    for c in 0..k {
-        w[c] = T::from_f32(0.0); // row 0: all zeros
-    }
+    w[..k].fill(T::from_f32(0.0)); // row 0: all zeros
     if n > 2 {
         for c in 0..k {
             w[k + c] = T::from_f32(rng.normal() * 1e4); // row 1: huge

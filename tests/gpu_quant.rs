@@ -35,10 +35,22 @@ fn check_fwd<T: Float, S: ScaleFloat>(dev: &Device, shape: &QuantShape, seed: u6
     let (want_packed, _) = rq::quantize_pack::<T, S>(&w, shape).unwrap();
     let wd = dev.htod(&w).unwrap();
     let what = format!("{}/{} {}x{} g={}", T::DTYPE, S::DTYPE, shape.n, shape.k, shape.group_size);
-    let out = quant::fake_quant_fwd::<T, S>(dev, &wd, shape, FakeQuantOptions { scales: true, packed: true }).unwrap();
+    let out = quant::fake_quant_fwd::<T, S>(
+        dev,
+        &wd,
+        shape,
+        FakeQuantOptions { scales: true, packed: true, ..Default::default() },
+    )
+    .unwrap();
     common::assert_bits_eq(&format!("fake_quant {what}"), &dev.dtoh(&out.weights).unwrap(), &want.fake_quant);
     common::assert_bits_eq(&format!("scales {what}"), &dev.dtoh(out.scales.as_ref().unwrap()).unwrap(), &want.scales);
     assert_eq!(dev.dtoh(out.packed.as_ref().unwrap()).unwrap(), want_packed, "packed {what}");
+
+    // Without the status check the outputs are the same.
+    let unchecked = FakeQuantOptions { scales: true, packed: true, check_finite: false };
+    let out2 = quant::fake_quant_fwd::<T, S>(dev, &wd, shape, unchecked).unwrap();
+    common::assert_bits_eq(&format!("unchecked {what}"), &dev.dtoh(&out2.weights).unwrap(), &want.fake_quant);
+    assert_eq!(dev.dtoh(out2.packed.as_ref().unwrap()).unwrap(), want_packed, "unchecked packed {what}");
 
     // Export path and the consistency property on the GPU.
     let packed = quant::quantize_pack::<T, S>(dev, &wd, shape).unwrap();
