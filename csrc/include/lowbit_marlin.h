@@ -9,4 +9,99 @@
 #define LOWBIT_MARLIN_TILE_N 64
 #define LOWBIT_MARLIN_TILE_WORDS 128
 
+/* ---- Marlin layout kernels (csrc/marlin/layout.cuh) ----
+ * Every kernel treats `batch` matrices stored back to back (stacked MoE experts; 1 for a plain
+ * linear layer). Within one matrix: GPTQ qweight is [k/8, n], compressed-tensors weight_packed
+ * [n, k/8], Marlin qweight [k/16, 2n] (DESIGN §3). k % 16 == 0, n % 64 == 0. */
+
+/* Word repack between GPTQ / compressed-tensors and Marlin, either direction.
+ * Forward (to Marlin): Marlin K-row r holds source K-row perm[r] when perm is non-null.
+ * Inverse with act-order (the gather kernels): `perm` holds the INVERSE permutation
+ * (inv[perm[r]] = r), so source row s is read from Marlin row inv[s]. */
+typedef struct LowbitMarlinLayoutParams {
+    const int32_t *src;
+    const int32_t *perm;    /* [k] (shared by the batch), or null */
+    int32_t *dst;
+    int64_t batch;
+    int64_t k;
+    int64_t n;
+} LowbitMarlinLayoutParams;
+
+/* Scale permutation of 16-bit scales (bits are moved, never converted).
+ * Marlin side: [groups, n] permuted in chunks (64-element 8x8 transpose when channelwise == 0,
+ * the 32-element single permutation when channelwise == 1). The other side is GPTQ order
+ * [groups, n] when ct == 0, compressed-tensors order [n, groups] when ct == 1. */
+typedef struct LowbitMarlinLayoutScalesParams {
+    const void *src;
+    void *dst;
+    int64_t batch;
+    int64_t groups;         /* k / group */
+    int64_t n;
+    int32_t channelwise;
+    int32_t ct;
+} LowbitMarlinLayoutScalesParams;
+
+/* One-pass weight sync: weights [n, k] (row-major, the HF [out, in] layout) -> Marlin qweight
+ * [k/16, 2n] and Marlin-permuted scales [k/group, n], with the quantization math of DESIGN §3.
+ * Groups of 32/64/128 compute their scales inline; any other group (channelwise, group == k)
+ * reads the scales a previous row-scale pass wrote into `scales` (already permuted). */
+typedef struct LowbitMarlinSyncParams {
+    const void *w;
+    int32_t *qweight;
+    void *scales;
+    unsigned long long *status; /* LOWBIT_STATUS_WORDS words (indices are per batch-flattened
+                                 * element / group), or null: no checking */
+    int64_t batch;
+    int64_t n;
+    int64_t k;
+    int64_t group;
+    int32_t channelwise;        /* scale permutation: 1 when group == k */
+    int32_t pad_;
+} LowbitMarlinSyncParams;
+
+/* ---- Marlin W4A16 GEMM (csrc/marlin/gemm.cuh), dense and MoE ----
+ * out[row, n] = sum_k A[src_row, k] * T(q[k, n] * s[group(k), n]), f32 accumulation, T output.
+ * Weights: Marlin qweight [k/16, 2n] (MoE: [num_experts, k/16, 2n]), scales [k/group, n] in the
+ * Marlin permutation (MoE: per expert). Dense rows: src_row = dst_row = row < m. MoE rows come
+ * from sorted_token_ids (see LowbitMarlinGemmParams::sorted_token_ids).
+ * Kernel names: lowbit_marlin_gemm_<dtype>_m<m_tiles>_<cfg> and lowbit_marlin_moe_gemm_<...>,
+ * with cfg n128k128 (block tile 128 columns, 128-deep stages) or n256k64. */
+typedef struct LowbitMarlinGemmParams {
+    const void *a;          /* activations (T): dense [m, lda]; MoE [m (= a_rows), k] (lda == k) */
+    const int32_t *b;       /* Marlin qweight */
+    const void *scales;     /* Marlin-permuted scales (T) */
+    void *out;              /* dense [m, n]; MoE [out_rows, n] (T) */
+    float *partials;        /* split-K partial tiles [tiles, split_k, m_blk, n_blk]; null if split_k == 1 */
+    int32_t *counters;      /* split-K arrival counters [tiles]: zero before and after each launch */
+    const int32_t *sorted_token_ids;      /* MoE: [capacity]; slot value = token * top_k + j, or padding (>= out_rows) */
+    const int32_t *expert_ids;            /* MoE: [capacity / block_size]; -1 (or out of range) = skip the block */
+    const int32_t *num_tokens_post_padded; /* MoE: device scalar, the used prefix of sorted_token_ids */
+    const float *topk_weights;            /* MoE: [out_rows] router weights multiplied into the output, or null */
+    int64_t m;              /* dense: rows of A and out; MoE: rows of A (a_rows) */
+    int64_t n;              /* output columns, % 64 == 0 */
+    int64_t k;              /* reduction length, % 64 == 0 (the kernel's stage depth divides it) */
+    int64_t lda;            /* row stride of A in elements, >= k, % 8 == 0 */
+    int64_t group;          /* K-rows per scale group: 32/64/128, or k when channelwise */
+    int64_t m_blocks;       /* dense: ceil(m / (16 * m_tiles)); MoE: capacity / block_size */
+    int64_t out_rows;       /* MoE: rows of out (sorted ids >= out_rows are padding) */
+    int64_t top_k;          /* MoE: A row of slot id = id / top_k */
+    int64_t block_size;     /* MoE: rows per routing block (<= 16 * m_tiles) */
+    int64_t num_experts;    /* MoE */
+    int64_t capacity;       /* MoE: length of sorted_token_ids */
+    int64_t smem_bytes;     /* dynamic shared memory the host gave the launch (checked by the kernel) */
+    int32_t channelwise;    /* 1: one scale row, 32-element scale permutation */
+    int32_t split_k;        /* dense: K split across this many blocks (deterministic reduction); MoE: 1 */
+} LowbitMarlinGemmParams;
+
+/* Act-order activation gather for 16-bit types: dst[r, j] = src[r * lda + perm[j]] (dst is
+ * [m, k] contiguous); an out-of-range perm entry yields 0. */
+typedef struct LowbitMarlinGemmGatherParams {
+    const void *src;
+    void *dst;
+    const int32_t *perm;
+    int64_t m;
+    int64_t k;
+    int64_t lda;
+} LowbitMarlinGemmGatherParams;
+
 #endif

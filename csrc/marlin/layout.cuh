@@ -1,1 +1,469 @@
-// Marlin layout kernels.
+// Marlin layout kernels (DESIGN §3): word repack GPTQ / compressed-tensors <-> Marlin (with the
+// act-order row permutation), the Marlin scale permutation and its inverse, and the one-pass
+// weight sync (BF16/F16/F32 weights -> Marlin qweight + permuted scales).
+//
+// Layout (DESIGN §3): Marlin qweight is i32 [K/16, 2N] of 16x64 tiles; word 4i+j of tile
+// (kt, nt) sits at [kt, 128 nt + 4i + j]; with c = 64 nt + 16 j + i/4 and r = 16 kt + 2 (i%4) its
+// nibbles 0..7 hold the codes at (r,c) (r+8,c) (r,c+8) (r+8,c+8) (r+1,c) (r+9,c) (r+1,c+8)
+// (r+9,c+8).
+//
+// Work decomposition shared by the tile kernels: a unit is one 64-column tile `nt` times one
+// strip of up to 128 K-rows (8 Marlin row tiles) of one matrix of the batch. A block stages the
+// strip in shared memory as "GPTQ words" sm[kw][c] (8 consecutive K-rows of column c, nibble e =
+// row 8 kw + e) and converts between that and Marlin words. Global reads and writes of both sides
+// are contiguous per warp; all element offsets are 64-bit.
+
+#include "lowbit_int4.cuh"
+
+namespace lowbit {
+namespace marlin {
+
+constexpr int kTileK = LOWBIT_MARLIN_TILE_K;         // 16
+constexpr int kTileN = LOWBIT_MARLIN_TILE_N;         // 64
+constexpr int kTileWords = LOWBIT_MARLIN_TILE_WORDS; // 128
+constexpr int kStripK = 128;                         // K-rows per unit
+constexpr int kStripWords = kStripK / 8;             // GPTQ words per column per unit (16)
+constexpr int kLayoutThreads = 256;
+
+// Shared-memory column of GPTQ word (kw, c) in the staged strip: XOR-swizzled so that the 16
+// words of one column (written by a half-warp) and of the next column fall in distinct banks.
+__device__ __forceinline__ int sw(int kw, int c) { return c ^ (2 * kw); }
+
+// Padded index of Marlin word `idx` of a staged row tile (one extra word per 16 spreads the
+// gather of unrepack over the banks).
+constexpr int kMwStride = kTileWords + kTileWords / 16;
+__device__ __forceinline__ int mw_idx(int ktl, int idx) { return ktl * kMwStride + idx + (idx >> 4); }
+
+// Records the smallest offending index (status words start at all ones; null: no checking).
+__device__ __forceinline__ void report(unsigned long long *status, int slot, unsigned long long index) {
+    if (status != nullptr) atomicMin(status + slot, index);
+}
+
+// For the flat GPTQ-order scale index f (of one [groups, n] matrix), the Marlin position that
+// holds it. Grouped: chunks of 64, new[8a + b] = old[a + 8b]. Channelwise: chunks of 32,
+// new[8a + t] = old[2a + d[t]] with d = [0,1,8,9,16,17,24,25].
+__device__ __forceinline__ long long scale_dest(long long f, bool channelwise) {
+    if (channelwise) {
+        const int o = (int)(f & 31);
+        const int a = (o & 7) >> 1;
+        const int d = o - 2 * a;              // one of 0,1,8,9,16,17,24,25
+        const int t = 2 * (d >> 3) + (d & 1); // its index in d
+        return (f - o) + 8 * a + t;
+    }
+    const int o = (int)(f & 63);
+    return (f - o) + 8 * (o & 7) + (o >> 3);
+}
+
+// The inverse: which flat GPTQ-order index Marlin position p holds.
+__device__ __forceinline__ long long scale_source(long long p, bool channelwise) {
+    if (channelwise) {
+        const int o = (int)(p & 31);
+        const int a = o >> 3, t = o & 7;
+        const int d = 8 * (t >> 1) + (t & 1);
+        return (p - o) + 2 * a + d;
+    }
+    const int o = (int)(p & 63);
+    return (p - o) + (o >> 3) + 8 * (o & 7);
+}
+
+// Marlin word index (within one matrix) and nibble of the code at (K-row r, N-col c).
+__device__ __forceinline__ void marlin_locate(long long r, long long c, long long n, long long *word, int *nibble) {
+    const long long kt = r >> 4, nt = c >> 6;
+    const int rr = (int)(r & 15), cc = (int)(c & 63);
+    const int j = cc >> 4, c16 = cc & 15, ch = c16 >> 3;
+    const int i = 4 * (c16 & 7) + ((rr & 7) >> 1);
+    *word = kt * (2 * n) + (long long)kTileWords * nt + 4 * i + j;
+    *nibble = 4 * (rr & 1) + 2 * ch + (rr >> 3);
+}
+
+// A unit of the tile decomposition.
+struct Unit {
+    long long b;  // matrix of the batch
+    long long nt; // 64-column tile
+    long long k0; // first K-row of the strip
+    int rows;     // K-rows in the strip (multiple of 16, <= 128)
+};
+
+__device__ __forceinline__ Unit unit_of(long long u, long long k, long long n) {
+    const long long strips = (k + kStripK - 1) / kStripK, ntiles = n / kTileN;
+    Unit x;
+    x.b = u / (ntiles * strips);
+    const long long rem = u % (ntiles * strips);
+    x.nt = rem / strips;
+    x.k0 = (rem % strips) * kStripK;
+    x.rows = (int)min((long long)kStripK, k - x.k0);
+    return x;
+}
+
+__device__ __forceinline__ long long unit_count(long long batch, long long k, long long n) {
+    return batch * (n / kTileN) * ((k + kStripK - 1) / kStripK);
+}
+
+// Writes the Marlin words of a staged strip: sm[kw][c] -> Marlin tiles (k0/16 ..), column tile nt.
+// Word 4i+j of a tile takes byte i%4 (rows 2(i%4), 2(i%4)+1) of the four GPTQ words at columns
+// c, c+8 and row halves 0, 1: low nibbles give (r,c) (r+8,c) (r,c+8) (r+8,c+8), high nibbles the
+// r+1 / r+9 rows, in that order.
+__device__ __forceinline__ void emit_marlin(const uint32_t (*sm)[kTileN], const Unit &x, int32_t *dst, long long k,
+                                            long long n) {
+    int32_t *out = dst + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK) * (2 * n) + (long long)kTileWords * x.nt;
+    const int words = (x.rows / kTileK) * kTileWords;
+    for (int q = threadIdx.x; q < words; q += blockDim.x) {
+        const int ktl = q / kTileWords, t = q % kTileWords;
+        const int i = t >> 2, j = t & 3;
+        const int c = 16 * j + (i >> 2), sh = 8 * (i & 3);
+        const int k0 = 2 * ktl, k1 = 2 * ktl + 1;
+        const uint32_t x0 = (sm[k0][sw(k0, c)] >> sh) & 0xFF;
+        const uint32_t x1 = (sm[k1][sw(k1, c)] >> sh) & 0xFF;
+        const uint32_t x2 = (sm[k0][sw(k0, c + 8)] >> sh) & 0xFF;
+        const uint32_t x3 = (sm[k1][sw(k1, c + 8)] >> sh) & 0xFF;
+        const uint32_t lo = (x0 & 0xF) | (x1 & 0xF) << 4 | (x2 & 0xF) << 8 | (x3 & 0xF) << 12;
+        const uint32_t hi = (x0 >> 4) | (x1 >> 4) << 4 | (x2 >> 4) << 8 | (x3 >> 4) << 12;
+        out[(long long)ktl * (2 * n) + t] = (int32_t)(lo | hi << 16);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPTQ / compressed-tensors -> Marlin.
+template <bool CT>
+__device__ __forceinline__ void repack(const LowbitMarlinLayoutParams &p) {
+    __shared__ uint32_t sm[kStripWords][kTileN];
+    const long long k = p.k, n = p.n, kw_total = k / 8;
+    const long long units = unit_count(p.batch, k, n);
+    for (long long u = blockIdx.x; u < units; u += gridDim.x) {
+        const Unit x = unit_of(u, k, n);
+        const int kws = x.rows / 8;
+        const long long col0 = x.nt * kTileN;
+        for (int q = threadIdx.x; q < kws * kTileN; q += blockDim.x) {
+            // GPTQ: consecutive threads walk N (rows of qweight are contiguous in N);
+            // compressed-tensors: consecutive threads walk K-words of one column.
+            const int kw = CT ? q % kws : q / kTileN;
+            const int c = CT ? q / kws : q % kTileN;
+            const long long col = col0 + c;
+            uint32_t word;
+            if (p.perm == nullptr) {
+                const long long w = x.k0 / 8 + kw;
+                word = (uint32_t)(CT ? p.src[(x.b * n + col) * kw_total + w] : p.src[(x.b * kw_total + w) * n + col]);
+            } else {
+                word = 0;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const long long s = p.perm[x.k0 + 8 * kw + e];
+                    const uint32_t v = (uint32_t)(CT ? p.src[(x.b * n + col) * kw_total + s / 8]
+                                                     : p.src[(x.b * kw_total + s / 8) * n + col]);
+                    word |= ((v >> (4 * (s % 8))) & 0xF) << (4 * e);
+                }
+            }
+            sm[kw][sw(kw, c)] = word;
+        }
+        __syncthreads();
+        emit_marlin(sm, x, p.dst, k, n);
+        __syncthreads();
+    }
+}
+
+// Marlin -> GPTQ / compressed-tensors, no act-order: stage the strip's Marlin words, then build
+// each GPTQ word from four of them.
+template <bool CT>
+__device__ __forceinline__ void unrepack(const LowbitMarlinLayoutParams &p) {
+    __shared__ uint32_t mw[(kStripK / kTileK) * kMwStride];
+    const long long k = p.k, n = p.n, kw_total = k / 8;
+    const long long units = unit_count(p.batch, k, n);
+    for (long long u = blockIdx.x; u < units; u += gridDim.x) {
+        const Unit x = unit_of(u, k, n);
+        const int tiles = x.rows / kTileK, kws = x.rows / 8;
+        const int32_t *in = p.src + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK) * (2 * n) + (long long)kTileWords * x.nt;
+        for (int q = threadIdx.x; q < tiles * kTileWords; q += blockDim.x) {
+            mw[mw_idx(q / kTileWords, q % kTileWords)] = (uint32_t)in[(long long)(q / kTileWords) * (2 * n) + q % kTileWords];
+        }
+        __syncthreads();
+        const long long col0 = x.nt * kTileN;
+        for (int q = threadIdx.x; q < kws * kTileN; q += blockDim.x) {
+            const int kw = CT ? q % kws : q / kTileN;
+            const int c = CT ? q / kws : q % kTileN;
+            const int ktl = kw >> 1, h = kw & 1;
+            const int j = c >> 4, c16 = c & 15, ch = c16 >> 3;
+            const int lo_nib = 2 * ch + h, hi_nib = 4 + 2 * ch + h;
+            uint32_t word = 0;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const uint32_t m = mw[mw_idx(ktl, 4 * (4 * (c16 & 7) + b) + j)];
+                const uint32_t lo = (m >> (4 * lo_nib)) & 0xF, hi = (m >> (4 * hi_nib)) & 0xF;
+                word |= (lo | hi << 4) << (8 * b);
+            }
+            const long long w = x.k0 / 8 + kw, col = col0 + c;
+            if (CT) {
+                p.dst[(x.b * n + col) * kw_total + w] = (int32_t)word;
+            } else {
+                p.dst[(x.b * kw_total + w) * n + col] = (int32_t)word;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// Marlin -> GPTQ / compressed-tensors with act-order: one thread per destination word gathers its
+// eight codes from the Marlin rows inv[s] (p.perm holds the inverse permutation).
+template <bool CT>
+__device__ __forceinline__ void unrepack_gather(const LowbitMarlinLayoutParams &p) {
+    const long long k = p.k, n = p.n, kw_total = k / 8;
+    const long long per = kw_total * n, total = p.batch * per;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += stride) {
+        const long long b = o / per, rem = o % per;
+        const long long w = CT ? rem % kw_total : rem / n;
+        const long long col = CT ? rem / kw_total : rem % n;
+        const int32_t *in = p.src + b * per;
+        uint32_t word = 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            long long mword;
+            int nib;
+            marlin_locate(p.perm[8 * w + e], col, n, &mword, &nib);
+            word |= (((uint32_t)in[mword] >> (4 * nib)) & 0xF) << (4 * e);
+        }
+        p.dst[o] = (int32_t)word;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scales: Marlin position p <-> GPTQ [groups, n] or compressed-tensors [n, groups] position.
+template <bool INVERSE>
+__device__ __forceinline__ void permute_scales(const LowbitMarlinLayoutScalesParams &p) {
+    const uint16_t *src = reinterpret_cast<const uint16_t *>(p.src);
+    uint16_t *dst = reinterpret_cast<uint16_t *>(p.dst);
+    const long long per = p.groups * p.n, total = p.batch * per;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long m = (long long)blockIdx.x * blockDim.x + threadIdx.x; m < total; m += stride) {
+        const long long b = m / per, pm = m % per;
+        const long long f = scale_source(pm, p.channelwise != 0);
+        const long long other = b * per + (p.ct ? (f % p.n) * p.groups + f / p.n : f);
+        if (INVERSE) {
+            dst[other] = src[m];
+        } else {
+            dst[m] = src[other];
+        }
+    }
+}
+
+// Eight weights as loaded (16 bytes of a 16-bit type, 32 bytes of f32), widened only when used.
+template <typename T> struct Raw8 { uint4 a; };
+template <> struct Raw8<float> { uint4 a, b; };
+
+template <typename T>
+__device__ __forceinline__ void load_raw(const T *p, Raw8<T> &r) {
+    r.a = __ldg(reinterpret_cast<const uint4 *>(p));
+}
+template <>
+__device__ __forceinline__ void load_raw<float>(const float *p, Raw8<float> &r) {
+    r.a = __ldg(reinterpret_cast<const uint4 *>(p));
+    r.b = __ldg(reinterpret_cast<const uint4 *>(p) + 1);
+}
+template <typename T>
+__device__ __forceinline__ void unpack_raw(const Raw8<T> &r, float v[8]) {
+    const T *e = reinterpret_cast<const T *>(&r.a);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = Num<T>::to_f32(e[i]);
+}
+template <>
+__device__ __forceinline__ void unpack_raw<float>(const Raw8<float> &r, float v[8]) {
+    v[0] = __uint_as_float(r.a.x); v[1] = __uint_as_float(r.a.y);
+    v[2] = __uint_as_float(r.a.z); v[3] = __uint_as_float(r.a.w);
+    v[4] = __uint_as_float(r.b.x); v[5] = __uint_as_float(r.b.y);
+    v[6] = __uint_as_float(r.b.z); v[7] = __uint_as_float(r.b.w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-pass weight sync. 256 threads; each thread owns four 8-element chunks of the 64 x 128
+// strip: chunk q = tid + 256 m covers row q / 16, K-columns 8 (q % 16) .. + 8. A half-warp reads
+// 128 contiguous K-columns of one row; the g/8 lanes of a group reduce amax with shuffles.
+template <typename T, typename S, bool INLINE_SCALES>
+__device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
+    __shared__ uint32_t sm[kStripWords][kTileN];
+    const long long k = p.k, n = p.n, g = p.group, groups = k / g;
+    const bool cw = p.channelwise != 0;
+    const int width = INLINE_SCALES ? (int)(g / 8) : 1;
+    const T *w = reinterpret_cast<const T *>(p.w);
+    S *scales = reinterpret_cast<S *>(p.scales);
+    const long long units = unit_count(p.batch, k, n);
+    for (long long u = blockIdx.x; u < units; u += gridDim.x) {
+        const Unit x = unit_of(u, k, n);
+        // Issue all four 16-byte (32 for f32) loads first; keep them packed until used so
+        // the registers stay low and more bytes are in flight per SM.
+        Raw8<T> raw[4];
+        bool active[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const int q = threadIdx.x + kLayoutThreads * m;
+            const int row = q >> 4, ch = q & 15;
+            active[m] = 8 * ch < x.rows;
+            if (active[m]) {
+                load_raw<T>(w + (x.b * n + x.nt * kTileN + row) * k + x.k0 + 8 * ch, raw[m]);
+            } else {
+                raw[m] = Raw8<T>{};
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const int q = threadIdx.x + kLayoutThreads * m;
+            const int row = q >> 4, ch = q & 15;
+            const long long nrow = x.b * n + x.nt * kTileN + row; // batch-flattened weight row
+            const long long col = x.k0 + 8 * ch;
+            float v[8];
+            unpack_raw<T>(raw[m], v);
+            float sf;
+            if (INLINE_SCALES) {
+                float amax = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[e]));
+                amax = group_max(amax, width); // uniform: every lane of the warp takes part
+                if (!active[m]) continue;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    if (!isfinite(v[e])) {
+                        report(p.status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(nrow * k + col + e));
+                        break;
+                    }
+                }
+                S stored;
+                sf = qgrid::stored_scale<S>(amax, &stored);
+                if (ch % width == 0) {
+                    const long long gi = col / g;
+                    if (!isfinite(sf)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(nrow * groups + gi));
+                    const long long f = gi * n + x.nt * kTileN + row; // GPTQ order within the matrix
+                    scales[x.b * groups * n + scale_dest(f, cw)] = stored;
+                }
+            } else {
+                if (!active[m]) continue;
+                const long long f = (col / g) * n + x.nt * kTileN + row;
+                sf = Num<S>::to_f32(scales[x.b * groups * n + scale_dest(f, cw)]);
+            }
+            sm[ch][sw(ch, row)] = qgrid::quant_word(v, sf);
+        }
+        __syncthreads();
+        emit_marlin(sm, x, p.qweight, k, n);
+        __syncthreads();
+    }
+}
+
+// Channelwise (or any group the inline path does not take) pre-pass: one block per group of
+// `group` contiguous weights computes amax and writes the stored scale at its Marlin position.
+template <typename T, typename S>
+__device__ __forceinline__ void sync_group_scales(const LowbitMarlinSyncParams &p) {
+    const long long k = p.k, n = p.n, g = p.group, groups = k / g;
+    const bool cw = p.channelwise != 0;
+    const long long total = p.batch * n * groups;
+    const T *w = reinterpret_cast<const T *>(p.w);
+    S *scales = reinterpret_cast<S *>(p.scales);
+    for (long long gg = blockIdx.x; gg < total; gg += gridDim.x) {
+        const long long nrow = gg / groups, gi = gg % groups;
+        const long long e0 = nrow * k + gi * g;
+        float amax = 0.0f;
+        for (long long c = threadIdx.x; c < g / 8; c += blockDim.x) {
+            float v[8];
+            load8<T>(w + e0 + c * 8, v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                if (!isfinite(v[e])) {
+                    report(p.status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(e0 + c * 8 + e));
+                    break;
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[e]));
+        }
+        amax = block_max(amax);
+        if (threadIdx.x == 0) {
+            S stored;
+            const float sf = qgrid::stored_scale<S>(amax, &stored);
+            if (!isfinite(sf)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)gg);
+            const long long b = nrow / n, row = nrow % n;
+            scales[b * groups * n + scale_dest(gi * n + row, cw)] = stored;
+        }
+    }
+}
+
+} // namespace marlin
+} // namespace lowbit
+
+// ---- extern "C" entry points (names scanned by build.rs) ------------------------------------
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_repack_gptq(const LowbitMarlinLayoutParams p) {
+    lowbit::marlin::repack<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_repack_ct(const LowbitMarlinLayoutParams p) {
+    lowbit::marlin::repack<true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_to_gptq(const LowbitMarlinLayoutParams p) {
+    lowbit::marlin::unrepack<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_to_ct(const LowbitMarlinLayoutParams p) {
+    lowbit::marlin::unrepack<true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_to_gptq_perm(const LowbitMarlinLayoutParams p) {
+    lowbit::marlin::unrepack_gather<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_to_ct_perm(const LowbitMarlinLayoutParams p) {
+    lowbit::marlin::unrepack_gather<true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_permute_scales(const LowbitMarlinLayoutScalesParams p) {
+    lowbit::marlin::permute_scales<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_unpermute_scales(const LowbitMarlinLayoutScalesParams p) {
+    lowbit::marlin::permute_scales<true>(p);
+}
+
+// Weight sync: lowbit_marlin_sync_<inline|staged>_<weight dtype>_<scale dtype>, and the row-scale
+// pre-pass lowbit_marlin_sync_scales_<weight dtype>_<scale dtype> for the staged path.
+extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__half, __half, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<float, __nv_bfloat16, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<float, __half, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<__half, __half, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f32_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<float, __nv_bfloat16, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f32_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_quantize<float, __half, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_bf16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_group_scales<__nv_bfloat16, __nv_bfloat16>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_bf16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_group_scales<__nv_bfloat16, __half>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_f16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_group_scales<__half, __nv_bfloat16>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_f16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_group_scales<__half, __half>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_f32_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_group_scales<float, __nv_bfloat16>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_f32_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_group_scales<float, __half>(p);
+}

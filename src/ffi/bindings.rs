@@ -12,6 +12,14 @@ pub const LOWBIT_STATUS_WORDS: u32 = 2;
 pub const LOWBIT_MARLIN_TILE_K: u32 = 16;
 pub const LOWBIT_MARLIN_TILE_N: u32 = 64;
 pub const LOWBIT_MARLIN_TILE_WORDS: u32 = 128;
+pub const LOWBIT_MOE_MAX_EXPERTS: u32 = 1024;
+pub const LOWBIT_MOE_MAX_GROUPS: u32 = 32;
+pub const LOWBIT_MOE_GATING_WARPS: u32 = 4;
+pub const LOWBIT_MOE_ALIGN_MAX_ROUNDS: u32 = 16;
+pub const LOWBIT_MOE_ALIGN_COUNT_WARPS: u32 = 32;
+pub const LOWBIT_MOE_ALIGN_SCATTER_WARPS: u32 = 4;
+pub const LOWBIT_MOE_STATUS_BAD_ID: u32 = 0;
+pub const LOWBIT_MOE_STATUS_WORDS: u32 = 1;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LowbitQuantParams {
@@ -29,24 +37,15 @@ pub struct LowbitQuantParams {
 const _: () = {
     ["Size of LowbitQuantParams"][::core::mem::size_of::<LowbitQuantParams>() - 72usize];
     ["Alignment of LowbitQuantParams"][::core::mem::align_of::<LowbitQuantParams>() - 8usize];
-    ["Offset of field: LowbitQuantParams::w"]
-        [::core::mem::offset_of!(LowbitQuantParams, w) - 0usize];
-    ["Offset of field: LowbitQuantParams::grad_in"]
-        [::core::mem::offset_of!(LowbitQuantParams, grad_in) - 8usize];
-    ["Offset of field: LowbitQuantParams::out"]
-        [::core::mem::offset_of!(LowbitQuantParams, out) - 16usize];
-    ["Offset of field: LowbitQuantParams::scales"]
-        [::core::mem::offset_of!(LowbitQuantParams, scales) - 24usize];
-    ["Offset of field: LowbitQuantParams::packed"]
-        [::core::mem::offset_of!(LowbitQuantParams, packed) - 32usize];
-    ["Offset of field: LowbitQuantParams::status"]
-        [::core::mem::offset_of!(LowbitQuantParams, status) - 40usize];
-    ["Offset of field: LowbitQuantParams::rows"]
-        [::core::mem::offset_of!(LowbitQuantParams, rows) - 48usize];
-    ["Offset of field: LowbitQuantParams::k"]
-        [::core::mem::offset_of!(LowbitQuantParams, k) - 56usize];
-    ["Offset of field: LowbitQuantParams::group"]
-        [::core::mem::offset_of!(LowbitQuantParams, group) - 64usize];
+    ["Offset of field: LowbitQuantParams::w"][::core::mem::offset_of!(LowbitQuantParams, w) - 0usize];
+    ["Offset of field: LowbitQuantParams::grad_in"][::core::mem::offset_of!(LowbitQuantParams, grad_in) - 8usize];
+    ["Offset of field: LowbitQuantParams::out"][::core::mem::offset_of!(LowbitQuantParams, out) - 16usize];
+    ["Offset of field: LowbitQuantParams::scales"][::core::mem::offset_of!(LowbitQuantParams, scales) - 24usize];
+    ["Offset of field: LowbitQuantParams::packed"][::core::mem::offset_of!(LowbitQuantParams, packed) - 32usize];
+    ["Offset of field: LowbitQuantParams::status"][::core::mem::offset_of!(LowbitQuantParams, status) - 40usize];
+    ["Offset of field: LowbitQuantParams::rows"][::core::mem::offset_of!(LowbitQuantParams, rows) - 48usize];
+    ["Offset of field: LowbitQuantParams::k"][::core::mem::offset_of!(LowbitQuantParams, k) - 56usize];
+    ["Offset of field: LowbitQuantParams::group"][::core::mem::offset_of!(LowbitQuantParams, group) - 64usize];
 };
 impl Default for LowbitQuantParams {
     fn default() -> Self {
@@ -71,18 +70,12 @@ pub struct LowbitDequantParams {
 const _: () = {
     ["Size of LowbitDequantParams"][::core::mem::size_of::<LowbitDequantParams>() - 48usize];
     ["Alignment of LowbitDequantParams"][::core::mem::align_of::<LowbitDequantParams>() - 8usize];
-    ["Offset of field: LowbitDequantParams::packed"]
-        [::core::mem::offset_of!(LowbitDequantParams, packed) - 0usize];
-    ["Offset of field: LowbitDequantParams::scales"]
-        [::core::mem::offset_of!(LowbitDequantParams, scales) - 8usize];
-    ["Offset of field: LowbitDequantParams::out"]
-        [::core::mem::offset_of!(LowbitDequantParams, out) - 16usize];
-    ["Offset of field: LowbitDequantParams::rows"]
-        [::core::mem::offset_of!(LowbitDequantParams, rows) - 24usize];
-    ["Offset of field: LowbitDequantParams::k"]
-        [::core::mem::offset_of!(LowbitDequantParams, k) - 32usize];
-    ["Offset of field: LowbitDequantParams::group"]
-        [::core::mem::offset_of!(LowbitDequantParams, group) - 40usize];
+    ["Offset of field: LowbitDequantParams::packed"][::core::mem::offset_of!(LowbitDequantParams, packed) - 0usize];
+    ["Offset of field: LowbitDequantParams::scales"][::core::mem::offset_of!(LowbitDequantParams, scales) - 8usize];
+    ["Offset of field: LowbitDequantParams::out"][::core::mem::offset_of!(LowbitDequantParams, out) - 16usize];
+    ["Offset of field: LowbitDequantParams::rows"][::core::mem::offset_of!(LowbitDequantParams, rows) - 24usize];
+    ["Offset of field: LowbitDequantParams::k"][::core::mem::offset_of!(LowbitDequantParams, k) - 32usize];
+    ["Offset of field: LowbitDequantParams::group"][::core::mem::offset_of!(LowbitDequantParams, group) - 40usize];
 };
 impl Default for LowbitDequantParams {
     fn default() -> Self {
@@ -104,18 +97,427 @@ pub struct LowbitTransposeParams {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of LowbitTransposeParams"][::core::mem::size_of::<LowbitTransposeParams>() - 32usize];
-    ["Alignment of LowbitTransposeParams"]
-        [::core::mem::align_of::<LowbitTransposeParams>() - 8usize];
-    ["Offset of field: LowbitTransposeParams::src"]
-        [::core::mem::offset_of!(LowbitTransposeParams, src) - 0usize];
-    ["Offset of field: LowbitTransposeParams::dst"]
-        [::core::mem::offset_of!(LowbitTransposeParams, dst) - 8usize];
-    ["Offset of field: LowbitTransposeParams::rows"]
-        [::core::mem::offset_of!(LowbitTransposeParams, rows) - 16usize];
-    ["Offset of field: LowbitTransposeParams::cols"]
-        [::core::mem::offset_of!(LowbitTransposeParams, cols) - 24usize];
+    ["Alignment of LowbitTransposeParams"][::core::mem::align_of::<LowbitTransposeParams>() - 8usize];
+    ["Offset of field: LowbitTransposeParams::src"][::core::mem::offset_of!(LowbitTransposeParams, src) - 0usize];
+    ["Offset of field: LowbitTransposeParams::dst"][::core::mem::offset_of!(LowbitTransposeParams, dst) - 8usize];
+    ["Offset of field: LowbitTransposeParams::rows"][::core::mem::offset_of!(LowbitTransposeParams, rows) - 16usize];
+    ["Offset of field: LowbitTransposeParams::cols"][::core::mem::offset_of!(LowbitTransposeParams, cols) - 24usize];
 };
 impl Default for LowbitTransposeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMarlinLayoutParams {
+    pub src: *const i32,
+    pub perm: *const i32,
+    pub dst: *mut i32,
+    pub batch: i64,
+    pub k: i64,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMarlinLayoutParams"][::core::mem::size_of::<LowbitMarlinLayoutParams>() - 48usize];
+    ["Alignment of LowbitMarlinLayoutParams"][::core::mem::align_of::<LowbitMarlinLayoutParams>() - 8usize];
+    ["Offset of field: LowbitMarlinLayoutParams::src"][::core::mem::offset_of!(LowbitMarlinLayoutParams, src) - 0usize];
+    ["Offset of field: LowbitMarlinLayoutParams::perm"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutParams, perm) - 8usize];
+    ["Offset of field: LowbitMarlinLayoutParams::dst"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutParams, dst) - 16usize];
+    ["Offset of field: LowbitMarlinLayoutParams::batch"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutParams, batch) - 24usize];
+    ["Offset of field: LowbitMarlinLayoutParams::k"][::core::mem::offset_of!(LowbitMarlinLayoutParams, k) - 32usize];
+    ["Offset of field: LowbitMarlinLayoutParams::n"][::core::mem::offset_of!(LowbitMarlinLayoutParams, n) - 40usize];
+};
+impl Default for LowbitMarlinLayoutParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMarlinLayoutScalesParams {
+    pub src: *const ::core::ffi::c_void,
+    pub dst: *mut ::core::ffi::c_void,
+    pub batch: i64,
+    pub groups: i64,
+    pub n: i64,
+    pub channelwise: i32,
+    pub ct: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMarlinLayoutScalesParams"][::core::mem::size_of::<LowbitMarlinLayoutScalesParams>() - 48usize];
+    ["Alignment of LowbitMarlinLayoutScalesParams"][::core::mem::align_of::<LowbitMarlinLayoutScalesParams>() - 8usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::src"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, src) - 0usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::dst"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, dst) - 8usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::batch"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, batch) - 16usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::groups"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, groups) - 24usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::n"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, n) - 32usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::channelwise"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, channelwise) - 40usize];
+    ["Offset of field: LowbitMarlinLayoutScalesParams::ct"]
+        [::core::mem::offset_of!(LowbitMarlinLayoutScalesParams, ct) - 44usize];
+};
+impl Default for LowbitMarlinLayoutScalesParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMarlinSyncParams {
+    pub w: *const ::core::ffi::c_void,
+    pub qweight: *mut i32,
+    pub scales: *mut ::core::ffi::c_void,
+    pub status: *mut ::core::ffi::c_ulonglong,
+    pub batch: i64,
+    pub n: i64,
+    pub k: i64,
+    pub group: i64,
+    pub channelwise: i32,
+    pub pad_: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMarlinSyncParams"][::core::mem::size_of::<LowbitMarlinSyncParams>() - 72usize];
+    ["Alignment of LowbitMarlinSyncParams"][::core::mem::align_of::<LowbitMarlinSyncParams>() - 8usize];
+    ["Offset of field: LowbitMarlinSyncParams::w"][::core::mem::offset_of!(LowbitMarlinSyncParams, w) - 0usize];
+    ["Offset of field: LowbitMarlinSyncParams::qweight"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, qweight) - 8usize];
+    ["Offset of field: LowbitMarlinSyncParams::scales"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, scales) - 16usize];
+    ["Offset of field: LowbitMarlinSyncParams::status"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, status) - 24usize];
+    ["Offset of field: LowbitMarlinSyncParams::batch"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, batch) - 32usize];
+    ["Offset of field: LowbitMarlinSyncParams::n"][::core::mem::offset_of!(LowbitMarlinSyncParams, n) - 40usize];
+    ["Offset of field: LowbitMarlinSyncParams::k"][::core::mem::offset_of!(LowbitMarlinSyncParams, k) - 48usize];
+    ["Offset of field: LowbitMarlinSyncParams::group"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, group) - 56usize];
+    ["Offset of field: LowbitMarlinSyncParams::channelwise"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, channelwise) - 64usize];
+    ["Offset of field: LowbitMarlinSyncParams::pad_"][::core::mem::offset_of!(LowbitMarlinSyncParams, pad_) - 68usize];
+};
+impl Default for LowbitMarlinSyncParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMarlinGemmParams {
+    pub a: *const ::core::ffi::c_void,
+    pub b: *const i32,
+    pub scales: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub partials: *mut f32,
+    pub counters: *mut i32,
+    pub sorted_token_ids: *const i32,
+    pub expert_ids: *const i32,
+    pub num_tokens_post_padded: *const i32,
+    pub topk_weights: *const f32,
+    pub m: i64,
+    pub n: i64,
+    pub k: i64,
+    pub lda: i64,
+    pub group: i64,
+    pub m_blocks: i64,
+    pub out_rows: i64,
+    pub top_k: i64,
+    pub block_size: i64,
+    pub num_experts: i64,
+    pub capacity: i64,
+    pub smem_bytes: i64,
+    pub channelwise: i32,
+    pub split_k: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMarlinGemmParams"][::core::mem::size_of::<LowbitMarlinGemmParams>() - 184usize];
+    ["Alignment of LowbitMarlinGemmParams"][::core::mem::align_of::<LowbitMarlinGemmParams>() - 8usize];
+    ["Offset of field: LowbitMarlinGemmParams::a"][::core::mem::offset_of!(LowbitMarlinGemmParams, a) - 0usize];
+    ["Offset of field: LowbitMarlinGemmParams::b"][::core::mem::offset_of!(LowbitMarlinGemmParams, b) - 8usize];
+    ["Offset of field: LowbitMarlinGemmParams::scales"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, scales) - 16usize];
+    ["Offset of field: LowbitMarlinGemmParams::out"][::core::mem::offset_of!(LowbitMarlinGemmParams, out) - 24usize];
+    ["Offset of field: LowbitMarlinGemmParams::partials"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, partials) - 32usize];
+    ["Offset of field: LowbitMarlinGemmParams::counters"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, counters) - 40usize];
+    ["Offset of field: LowbitMarlinGemmParams::sorted_token_ids"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sorted_token_ids) - 48usize];
+    ["Offset of field: LowbitMarlinGemmParams::expert_ids"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, expert_ids) - 56usize];
+    ["Offset of field: LowbitMarlinGemmParams::num_tokens_post_padded"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, num_tokens_post_padded) - 64usize];
+    ["Offset of field: LowbitMarlinGemmParams::topk_weights"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, topk_weights) - 72usize];
+    ["Offset of field: LowbitMarlinGemmParams::m"][::core::mem::offset_of!(LowbitMarlinGemmParams, m) - 80usize];
+    ["Offset of field: LowbitMarlinGemmParams::n"][::core::mem::offset_of!(LowbitMarlinGemmParams, n) - 88usize];
+    ["Offset of field: LowbitMarlinGemmParams::k"][::core::mem::offset_of!(LowbitMarlinGemmParams, k) - 96usize];
+    ["Offset of field: LowbitMarlinGemmParams::lda"][::core::mem::offset_of!(LowbitMarlinGemmParams, lda) - 104usize];
+    ["Offset of field: LowbitMarlinGemmParams::group"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, group) - 112usize];
+    ["Offset of field: LowbitMarlinGemmParams::m_blocks"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, m_blocks) - 120usize];
+    ["Offset of field: LowbitMarlinGemmParams::out_rows"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, out_rows) - 128usize];
+    ["Offset of field: LowbitMarlinGemmParams::top_k"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, top_k) - 136usize];
+    ["Offset of field: LowbitMarlinGemmParams::block_size"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, block_size) - 144usize];
+    ["Offset of field: LowbitMarlinGemmParams::num_experts"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, num_experts) - 152usize];
+    ["Offset of field: LowbitMarlinGemmParams::capacity"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, capacity) - 160usize];
+    ["Offset of field: LowbitMarlinGemmParams::smem_bytes"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, smem_bytes) - 168usize];
+    ["Offset of field: LowbitMarlinGemmParams::channelwise"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, channelwise) - 176usize];
+    ["Offset of field: LowbitMarlinGemmParams::split_k"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, split_k) - 180usize];
+};
+impl Default for LowbitMarlinGemmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMarlinGemmGatherParams {
+    pub src: *const ::core::ffi::c_void,
+    pub dst: *mut ::core::ffi::c_void,
+    pub perm: *const i32,
+    pub m: i64,
+    pub k: i64,
+    pub lda: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMarlinGemmGatherParams"][::core::mem::size_of::<LowbitMarlinGemmGatherParams>() - 48usize];
+    ["Alignment of LowbitMarlinGemmGatherParams"][::core::mem::align_of::<LowbitMarlinGemmGatherParams>() - 8usize];
+    ["Offset of field: LowbitMarlinGemmGatherParams::src"]
+        [::core::mem::offset_of!(LowbitMarlinGemmGatherParams, src) - 0usize];
+    ["Offset of field: LowbitMarlinGemmGatherParams::dst"]
+        [::core::mem::offset_of!(LowbitMarlinGemmGatherParams, dst) - 8usize];
+    ["Offset of field: LowbitMarlinGemmGatherParams::perm"]
+        [::core::mem::offset_of!(LowbitMarlinGemmGatherParams, perm) - 16usize];
+    ["Offset of field: LowbitMarlinGemmGatherParams::m"]
+        [::core::mem::offset_of!(LowbitMarlinGemmGatherParams, m) - 24usize];
+    ["Offset of field: LowbitMarlinGemmGatherParams::k"]
+        [::core::mem::offset_of!(LowbitMarlinGemmGatherParams, k) - 32usize];
+    ["Offset of field: LowbitMarlinGemmGatherParams::lda"]
+        [::core::mem::offset_of!(LowbitMarlinGemmGatherParams, lda) - 40usize];
+};
+impl Default for LowbitMarlinGemmGatherParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMoeTopkParams {
+    pub logits: *const ::core::ffi::c_void,
+    pub bias: *const f32,
+    pub weights: *mut f32,
+    pub ids: *mut i32,
+    pub tokens: i64,
+    pub experts: i32,
+    pub topk: i32,
+    pub n_group: i32,
+    pub topk_group: i32,
+    pub renormalize: i32,
+    pub routed_scaling_factor: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMoeTopkParams"][::core::mem::size_of::<LowbitMoeTopkParams>() - 64usize];
+    ["Alignment of LowbitMoeTopkParams"][::core::mem::align_of::<LowbitMoeTopkParams>() - 8usize];
+    ["Offset of field: LowbitMoeTopkParams::logits"][::core::mem::offset_of!(LowbitMoeTopkParams, logits) - 0usize];
+    ["Offset of field: LowbitMoeTopkParams::bias"][::core::mem::offset_of!(LowbitMoeTopkParams, bias) - 8usize];
+    ["Offset of field: LowbitMoeTopkParams::weights"][::core::mem::offset_of!(LowbitMoeTopkParams, weights) - 16usize];
+    ["Offset of field: LowbitMoeTopkParams::ids"][::core::mem::offset_of!(LowbitMoeTopkParams, ids) - 24usize];
+    ["Offset of field: LowbitMoeTopkParams::tokens"][::core::mem::offset_of!(LowbitMoeTopkParams, tokens) - 32usize];
+    ["Offset of field: LowbitMoeTopkParams::experts"][::core::mem::offset_of!(LowbitMoeTopkParams, experts) - 40usize];
+    ["Offset of field: LowbitMoeTopkParams::topk"][::core::mem::offset_of!(LowbitMoeTopkParams, topk) - 44usize];
+    ["Offset of field: LowbitMoeTopkParams::n_group"][::core::mem::offset_of!(LowbitMoeTopkParams, n_group) - 48usize];
+    ["Offset of field: LowbitMoeTopkParams::topk_group"]
+        [::core::mem::offset_of!(LowbitMoeTopkParams, topk_group) - 52usize];
+    ["Offset of field: LowbitMoeTopkParams::renormalize"]
+        [::core::mem::offset_of!(LowbitMoeTopkParams, renormalize) - 56usize];
+    ["Offset of field: LowbitMoeTopkParams::routed_scaling_factor"]
+        [::core::mem::offset_of!(LowbitMoeTopkParams, routed_scaling_factor) - 60usize];
+};
+impl Default for LowbitMoeTopkParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMoeAlignParams {
+    pub topk_ids: *const i32,
+    pub expert_map: *const i32,
+    pub sorted_token_ids: *mut i32,
+    pub expert_ids: *mut i32,
+    pub num_tokens_post_padded: *mut i32,
+    pub chunk_counts: *mut i32,
+    pub expert_base: *mut i32,
+    pub expert_count: *mut i32,
+    pub done: *mut u32,
+    pub status: *mut ::core::ffi::c_ulonglong,
+    pub slots: i64,
+    pub capacity: i64,
+    pub num_experts: i32,
+    pub block_size: i32,
+    pub chunk: i32,
+    pub num_chunks: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMoeAlignParams"][::core::mem::size_of::<LowbitMoeAlignParams>() - 112usize];
+    ["Alignment of LowbitMoeAlignParams"][::core::mem::align_of::<LowbitMoeAlignParams>() - 8usize];
+    ["Offset of field: LowbitMoeAlignParams::topk_ids"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, topk_ids) - 0usize];
+    ["Offset of field: LowbitMoeAlignParams::expert_map"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, expert_map) - 8usize];
+    ["Offset of field: LowbitMoeAlignParams::sorted_token_ids"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, sorted_token_ids) - 16usize];
+    ["Offset of field: LowbitMoeAlignParams::expert_ids"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, expert_ids) - 24usize];
+    ["Offset of field: LowbitMoeAlignParams::num_tokens_post_padded"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, num_tokens_post_padded) - 32usize];
+    ["Offset of field: LowbitMoeAlignParams::chunk_counts"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, chunk_counts) - 40usize];
+    ["Offset of field: LowbitMoeAlignParams::expert_base"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, expert_base) - 48usize];
+    ["Offset of field: LowbitMoeAlignParams::expert_count"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, expert_count) - 56usize];
+    ["Offset of field: LowbitMoeAlignParams::done"][::core::mem::offset_of!(LowbitMoeAlignParams, done) - 64usize];
+    ["Offset of field: LowbitMoeAlignParams::status"][::core::mem::offset_of!(LowbitMoeAlignParams, status) - 72usize];
+    ["Offset of field: LowbitMoeAlignParams::slots"][::core::mem::offset_of!(LowbitMoeAlignParams, slots) - 80usize];
+    ["Offset of field: LowbitMoeAlignParams::capacity"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, capacity) - 88usize];
+    ["Offset of field: LowbitMoeAlignParams::num_experts"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, num_experts) - 96usize];
+    ["Offset of field: LowbitMoeAlignParams::block_size"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, block_size) - 100usize];
+    ["Offset of field: LowbitMoeAlignParams::chunk"][::core::mem::offset_of!(LowbitMoeAlignParams, chunk) - 104usize];
+    ["Offset of field: LowbitMoeAlignParams::num_chunks"]
+        [::core::mem::offset_of!(LowbitMoeAlignParams, num_chunks) - 108usize];
+};
+impl Default for LowbitMoeAlignParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMoeSiluMulParams {
+    pub gate_up: *const ::core::ffi::c_void,
+    pub act: *mut ::core::ffi::c_void,
+    pub topk_ids: *const i32,
+    pub expert_map: *const i32,
+    pub slots: i64,
+    pub inter: i64,
+    pub num_experts: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMoeSiluMulParams"][::core::mem::size_of::<LowbitMoeSiluMulParams>() - 56usize];
+    ["Alignment of LowbitMoeSiluMulParams"][::core::mem::align_of::<LowbitMoeSiluMulParams>() - 8usize];
+    ["Offset of field: LowbitMoeSiluMulParams::gate_up"]
+        [::core::mem::offset_of!(LowbitMoeSiluMulParams, gate_up) - 0usize];
+    ["Offset of field: LowbitMoeSiluMulParams::act"][::core::mem::offset_of!(LowbitMoeSiluMulParams, act) - 8usize];
+    ["Offset of field: LowbitMoeSiluMulParams::topk_ids"]
+        [::core::mem::offset_of!(LowbitMoeSiluMulParams, topk_ids) - 16usize];
+    ["Offset of field: LowbitMoeSiluMulParams::expert_map"]
+        [::core::mem::offset_of!(LowbitMoeSiluMulParams, expert_map) - 24usize];
+    ["Offset of field: LowbitMoeSiluMulParams::slots"]
+        [::core::mem::offset_of!(LowbitMoeSiluMulParams, slots) - 32usize];
+    ["Offset of field: LowbitMoeSiluMulParams::inter"]
+        [::core::mem::offset_of!(LowbitMoeSiluMulParams, inter) - 40usize];
+    ["Offset of field: LowbitMoeSiluMulParams::num_experts"]
+        [::core::mem::offset_of!(LowbitMoeSiluMulParams, num_experts) - 48usize];
+};
+impl Default for LowbitMoeSiluMulParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LowbitMoeSumParams {
+    pub partial: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub topk_ids: *const i32,
+    pub expert_map: *const i32,
+    pub tokens: i64,
+    pub hidden: i64,
+    pub topk: i32,
+    pub num_experts: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMoeSumParams"][::core::mem::size_of::<LowbitMoeSumParams>() - 56usize];
+    ["Alignment of LowbitMoeSumParams"][::core::mem::align_of::<LowbitMoeSumParams>() - 8usize];
+    ["Offset of field: LowbitMoeSumParams::partial"][::core::mem::offset_of!(LowbitMoeSumParams, partial) - 0usize];
+    ["Offset of field: LowbitMoeSumParams::out"][::core::mem::offset_of!(LowbitMoeSumParams, out) - 8usize];
+    ["Offset of field: LowbitMoeSumParams::topk_ids"][::core::mem::offset_of!(LowbitMoeSumParams, topk_ids) - 16usize];
+    ["Offset of field: LowbitMoeSumParams::expert_map"]
+        [::core::mem::offset_of!(LowbitMoeSumParams, expert_map) - 24usize];
+    ["Offset of field: LowbitMoeSumParams::tokens"][::core::mem::offset_of!(LowbitMoeSumParams, tokens) - 32usize];
+    ["Offset of field: LowbitMoeSumParams::hidden"][::core::mem::offset_of!(LowbitMoeSumParams, hidden) - 40usize];
+    ["Offset of field: LowbitMoeSumParams::topk"][::core::mem::offset_of!(LowbitMoeSumParams, topk) - 48usize];
+    ["Offset of field: LowbitMoeSumParams::num_experts"]
+        [::core::mem::offset_of!(LowbitMoeSumParams, num_experts) - 52usize];
+};
+impl Default for LowbitMoeSumParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {
