@@ -1,1 +1,766 @@
-//! The Marlin W4A16 GEMM (DESIGN §4): tile-config selection, workspace, `MarlinLinear`.
+//! The Marlin W4A16 GEMM (DESIGN §4): `Y[M, N] = X[M, K] · dequant(W)` with INT4 weights in the
+//! Marlin layout, X and scales bf16 or f16, f32 accumulation, output in X's dtype; dense and MoE.
+//!
+//! * [`marlin_gemm`] / [`marlin_gemm_into`]: dense; any `M ≥ 1`, a row stride `lda ≥ K`,
+//!   group sizes 32/64/128/channelwise, act-order (activations gathered by the weights' `perm`).
+//! * [`MarlinLinear`]: owns the weights and a workspace; `forward(dev, x, m)`.
+//! * [`marlin_moe_gemm`]: the expert GEMM over [`MarlinExperts`] driven by the routing blocks of
+//!   `moe_align_block_size` ([`MoeBlocks`]).
+//! * [`plan_gemm`] / [`plan_moe_gemm`]: the tile-config choice, a pure function of the shape and
+//!   the SM count, which only ever names kernels of the built table.
+//!
+//! The weights the kernel multiplies by are exactly `T(q · s)` (one rounding of the exact
+//! product), the values `fake_quant` produces: training and rollout see the same weights.
+//! Split-K is deterministic: partial tiles are summed in a fixed order, so the same inputs give
+//! bit-identical outputs on every run (on the same device: the plan depends on the SM count).
+//!
+//! Shape limits: `N % 64 == 0` (the Marlin layout), `K % 64 == 0` (the kernels' pipeline stage is
+//! 64 or 128 K-rows deep and has no partial-stage predication; the layout itself needs only
+//! `K % 16`, and every group size already implies `K % 32`), `K % 128 == 0` selects the deeper
+//! 128-row stages.
+
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaSlice, DeviceRepr, DeviceSlice, LaunchConfig};
+use half::{bf16, f16};
+
+use crate::device::{kernel_declared, Device};
+use crate::dtype::{DType, ScaleFloat};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::format::{GroupSize, QuantShape};
+use crate::marlin::layout::MarlinWeights;
+
+const FAMILY: &str = "marlin";
+/// Threads per block of every GEMM kernel.
+pub const THREADS: u32 = 256;
+/// Pipeline stages of every GEMM kernel.
+pub const STAGES: usize = 4;
+/// The largest split-K factor the planner uses.
+pub const MAX_SPLIT_K: usize = 16;
+/// The routing block sizes the MoE GEMM accepts.
+pub const MOE_BLOCK_SIZES: [usize; 5] = [8, 16, 32, 48, 64];
+
+// SAFETY: plain `repr(C)` data (integers and raw device addresses) passed to kernels by value.
+unsafe impl DeviceRepr for ffi::LowbitMarlinGemmParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ffi::LowbitMarlinGemmGatherParams {}
+
+/// The 16-bit activation types the GEMM runs on (scales use the same type): bf16 and f16.
+pub trait Half: ScaleFloat {}
+impl Half for bf16 {}
+impl Half for f16 {}
+
+/// The block tile of a GEMM kernel instance: output columns × K-rows per pipeline stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockShape {
+    /// 128 columns (two Marlin n-tiles), 128-deep stages: small M, `K % 128 == 0`.
+    N128K128,
+    /// 256 columns (four n-tiles), 64-deep stages: larger M, or `K % 128 != 0`.
+    N256K64,
+}
+
+impl BlockShape {
+    /// The name suffix of the kernel instances.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockShape::N128K128 => "n128k128",
+            BlockShape::N256K64 => "n256k64",
+        }
+    }
+    /// Output columns per block.
+    pub const fn n_blk(self) -> usize {
+        match self {
+            BlockShape::N128K128 => 128,
+            BlockShape::N256K64 => 256,
+        }
+    }
+    /// K-rows per pipeline stage.
+    pub const fn k_blk(self) -> usize {
+        match self {
+            BlockShape::N128K128 => 128,
+            BlockShape::N256K64 => 64,
+        }
+    }
+}
+
+/// A launch plan: which kernel instance, how many blocks, how much shared memory and workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmPlan {
+    /// m16 tiles per block (1..=4): the block covers `16 · m_tiles` rows.
+    pub m_tiles: usize,
+    /// The block tile.
+    pub block: BlockShape,
+    /// K split across this many blocks (1 for MoE).
+    pub split_k: usize,
+    /// Row blocks (dense: `ceil(M / (16 · m_tiles))`; MoE: routing blocks of the capacity).
+    pub m_blocks: usize,
+    /// Column blocks, `ceil(N / n_blk)`.
+    pub n_blocks: usize,
+}
+
+impl GemmPlan {
+    /// Rows per block.
+    pub fn m_blk(&self) -> usize {
+        16 * self.m_tiles
+    }
+
+    /// The kernel instance's name (`lowbit_marlin[_moe]_gemm_<dtype>_m<t>_<block>`).
+    pub fn kernel_name(&self, dtype: DType, moe: bool) -> String {
+        format!(
+            "lowbit_marlin_{}gemm_{}_m{}_{}",
+            if moe { "moe_" } else { "" },
+            dtype.name(),
+            self.m_tiles,
+            self.block.name()
+        )
+    }
+
+    /// Dynamic shared memory in bytes: the larger of the pipeline, `STAGES` × (B tiles, A rows,
+    /// scale rows), and the f32 epilogue tile. Mirrors `smem_bytes()` in `csrc/marlin/gemm.cuh`;
+    /// the kernel traps when it is given less.
+    pub fn smem_bytes(&self) -> usize {
+        let (m_blk, n_blk, k_blk) = (self.m_blk(), self.block.n_blk(), self.block.k_blk());
+        let stage = (k_blk / 16) * (n_blk / 64) * 512 + m_blk * k_blk * 2 + (k_blk / 32) * n_blk * 2;
+        (STAGES * stage).max(m_blk * (n_blk + 8) * 4)
+    }
+
+    /// Output tiles (`m_blocks · n_blocks`).
+    pub fn tiles(&self) -> usize {
+        self.m_blocks * self.n_blocks
+    }
+
+    /// Blocks in the (one-dimensional) grid.
+    pub fn grid_blocks(&self) -> usize {
+        self.tiles() * self.split_k
+    }
+
+    /// f32 elements of split-K partial tiles the launch needs in the workspace (0 without split).
+    pub fn workspace_partials(&self) -> usize {
+        if self.split_k > 1 {
+            self.grid_blocks() * self.m_blk() * self.block.n_blk()
+        } else {
+            0
+        }
+    }
+
+    /// Split-K arrival counters the launch needs in the workspace (0 without split).
+    pub fn workspace_counters(&self) -> usize {
+        if self.split_k > 1 {
+            self.tiles()
+        } else {
+            0
+        }
+    }
+}
+
+/// Checks the GEMM's shape limits: `N % 64 == 0`, `K % 64 == 0`, a supported group.
+pub fn check_gemm_shape(op: &'static str, n: usize, k: usize, group: usize) -> Result<()> {
+    if n == 0 || n % 64 != 0 {
+        return Err(Error::shape(op, format!("N = {n} must be a positive multiple of 64")));
+    }
+    if k == 0 || k % 64 != 0 {
+        return Err(Error::shape(op, format!("K = {k} must be a positive multiple of 64 for the Marlin GEMM")));
+    }
+    if !(group == k || ([32, 64, 128].contains(&group) && k % group == 0)) {
+        return Err(Error::shape(op, format!("group size {group} with K = {k}: expected 32, 64, 128 or K")));
+    }
+    if k.checked_mul(n).is_none_or(|e| e > i64::MAX as usize / 4) {
+        return Err(Error::shape(op, format!("[{n}, {k}] is too large")));
+    }
+    Ok(())
+}
+
+fn block_shape(m_tiles: usize, n: usize, k: usize) -> BlockShape {
+    if k % 128 == 0 && (m_tiles <= 2 || n % 256 != 0) {
+        BlockShape::N128K128
+    } else {
+        BlockShape::N256K64
+    }
+}
+
+/// The dense tile configuration for `M × N × K` on a device with `sm_count` SMs. Pure: same
+/// inputs, same plan. Splits K (deterministically) only when the output tiles cannot fill the
+/// device, keeping at least two stage iterations per split.
+pub fn plan_gemm(m: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPlan> {
+    const OP: &str = "plan_gemm";
+    if m == 0 {
+        return Err(Error::shape(OP, "M must be at least 1"));
+    }
+    if m > i32::MAX as usize {
+        return Err(Error::shape(OP, format!("M = {m} exceeds i32::MAX")));
+    }
+    check_gemm_shape(OP, n, k, k)?;
+    let m_tiles = m.div_ceil(16).min(4);
+    let block = block_shape(m_tiles, n, k);
+    let m_blocks = m.div_ceil(16 * m_tiles);
+    let n_blocks = n.div_ceil(block.n_blk());
+    let tiles = m_blocks * n_blocks;
+    let iters = k / block.k_blk();
+    let sm = sm_count.max(1);
+    let split_k = if tiles >= sm { 1 } else { (sm / tiles).min(iters / 2).clamp(1, MAX_SPLIT_K) };
+    let plan = GemmPlan { m_tiles, block, split_k, m_blocks, n_blocks };
+    if plan.grid_blocks() > i32::MAX as usize {
+        return Err(Error::shape(OP, format!("{m} x {n} needs too many blocks")));
+    }
+    Ok(plan)
+}
+
+/// The MoE tile configuration: one routing block of `block_size` rows per row block, no split-K.
+pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPlan> {
+    const OP: &str = "plan_moe_gemm";
+    if !MOE_BLOCK_SIZES.contains(&block_size) {
+        return Err(Error::invalid(OP, format!("block size {block_size} is not one of {MOE_BLOCK_SIZES:?}")));
+    }
+    if capacity == 0 || capacity % block_size != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("sorted_token_ids capacity {capacity} must be a positive multiple of the block size {block_size}"),
+        ));
+    }
+    check_gemm_shape(OP, n, k, k)?;
+    let m_tiles = block_size.div_ceil(16);
+    let m_blocks = capacity / block_size;
+    // Few columns per expert (small N): narrower blocks give more of them.
+    let _ = sm_count;
+    let block = block_shape(m_tiles, n, k);
+    let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks, n_blocks: n.div_ceil(block.n_blk()) };
+    if plan.grid_blocks() > i32::MAX as usize {
+        return Err(Error::shape(OP, "too many routing blocks"));
+    }
+    Ok(plan)
+}
+
+/// Caller-owned, reusable scratch space of the GEMM: split-K partial tiles and arrival counters.
+///
+/// Grows on demand (never shrinks); the counters are zero between launches (the kernel resets
+/// them). Reuse one per stream; it is tied to the device it was first used on.
+#[derive(Debug, Default)]
+pub struct MarlinWorkspace {
+    partials: Option<CudaSlice<f32>>,
+    counters: Option<CudaSlice<i32>>,
+}
+
+impl MarlinWorkspace {
+    /// An empty workspace (allocates on first use).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes currently held on the device.
+    pub fn device_bytes(&self) -> usize {
+        self.partials.as_ref().map_or(0, |p| p.len() * 4) + self.counters.as_ref().map_or(0, |c| c.len() * 4)
+    }
+
+    /// Makes room for `plan` on `dev`.
+    pub fn reserve(&mut self, dev: &Device, plan: &GemmPlan) -> Result<()> {
+        const OP: &str = "MarlinWorkspace::reserve";
+        if let Some(p) = &self.partials {
+            dev.check_buffer(OP, "workspace", p, p.len())?;
+        }
+        if let Some(c) = &self.counters {
+            dev.check_buffer(OP, "workspace", c, c.len())?;
+        }
+        let need_p = plan.workspace_partials();
+        if need_p > 0 && self.partials.as_ref().is_none_or(|p| p.len() < need_p) {
+            // Partial tiles are always written before they are read: no initialisation needed,
+            // but zeros are cheap and keep the buffer defined.
+            self.partials = Some(dev.zeros::<f32>(need_p)?);
+        }
+        let need_c = plan.workspace_counters();
+        if need_c > 0 && self.counters.as_ref().is_none_or(|c| c.len() < need_c) {
+            self.counters = Some(dev.zeros::<i32>(need_c)?);
+        }
+        Ok(())
+    }
+}
+
+/// A buffer that must hold at least `min` elements and live on `dev`.
+fn check_min<T, S: DeviceSlice<T>>(
+    dev: &Device,
+    op: &'static str,
+    name: &'static str,
+    buf: &S,
+    min: usize,
+) -> Result<()> {
+    if buf.len() < min {
+        return Err(Error::Length { op, name, expected: min, got: buf.len() });
+    }
+    dev.check_buffer(op, name, buf, buf.len())
+}
+
+/// Validated weight geometry shared by the dense and MoE paths.
+struct WeightGeom {
+    n: usize,
+    k: usize,
+    group: usize,
+    channelwise: bool,
+}
+
+fn weight_geom(op: &'static str, shape: &QuantShape) -> Result<WeightGeom> {
+    check_gemm_shape(op, shape.n, shape.k, shape.group)?;
+    Ok(WeightGeom { n: shape.n, k: shape.k, group: shape.group, channelwise: shape.group >= shape.k })
+}
+
+/// Everything one GEMM launch needs besides the plan.
+struct Launch<'a, T> {
+    a: &'a CudaSlice<T>,
+    lda: usize,
+    m: usize,
+    qweight: &'a CudaSlice<i32>,
+    scales: &'a CudaSlice<T>,
+    geom: WeightGeom,
+    moe: Option<MoeArgs<'a>>,
+}
+
+struct MoeArgs<'a> {
+    blocks: &'a MoeBlocks<'a>,
+    topk_weights: Option<&'a CudaSlice<f32>>,
+    top_k: usize,
+    out_rows: usize,
+    num_experts: usize,
+}
+
+/// Launches the GEMM kernel. All buffers have been validated by the caller against the shapes the
+/// kernel indexes (documented in `LowbitMarlinGemmParams`).
+fn launch_gemm<T: Half>(
+    dev: &Device,
+    op: &'static str,
+    l: &Launch<'_, T>,
+    plan: &GemmPlan,
+    out: &mut CudaSlice<T>,
+    ws: &mut MarlinWorkspace,
+) -> Result<()> {
+    let name = plan.kernel_name(T::DTYPE, l.moe.is_some());
+    let smem = plan.smem_bytes();
+    let func = dev.function(FAMILY, &name, smem)?;
+    ws.reserve(dev, plan)?;
+    let (a, _ga) = dev.ptr(op, "x", l.a, 16)?;
+    let (b, _gb) = dev.ptr(op, "qweight", l.qweight, 16)?;
+    let (s, _gs) = dev.ptr(op, "scales", l.scales, 16)?;
+    let partials = match (&mut ws.partials, plan.split_k > 1) {
+        (Some(p), true) => Some(dev.ptr_mut(op, "workspace", p, 16)?),
+        _ => None,
+    };
+    let counters = match (&mut ws.counters, plan.split_k > 1) {
+        (Some(c), true) => Some(dev.ptr_mut(op, "workspace", c, 4)?),
+        _ => None,
+    };
+    if plan.split_k > 1 && (partials.is_none() || counters.is_none()) {
+        return Err(Error::invalid(op, "the workspace could not be reserved"));
+    }
+    let moe_ptrs = match &l.moe {
+        Some(mo) => Some((
+            dev.ptr(op, "sorted_token_ids", mo.blocks.sorted_token_ids, 4)?,
+            dev.ptr(op, "expert_ids", mo.blocks.expert_ids, 4)?,
+            dev.ptr(op, "num_tokens_post_padded", mo.blocks.num_tokens_post_padded, 4)?,
+            mo.topk_weights.map(|w| dev.ptr(op, "topk_weights", w, 4)).transpose()?,
+        )),
+        None => None,
+    };
+    let (o, _go) = dev.ptr_mut(op, "out", out, 16)?;
+    let ptr_of = |g: &Option<(u64, cudarc::driver::SyncOnDrop<'_>)>| g.as_ref().map_or(0, |g| g.0);
+    let mut params = ffi::LowbitMarlinGemmParams {
+        a: a as *const _,
+        b: b as *const _,
+        scales: s as *const _,
+        out: o as *mut _,
+        partials: ptr_of(&partials) as *mut _,
+        counters: ptr_of(&counters) as *mut _,
+        sorted_token_ids: std::ptr::null(),
+        expert_ids: std::ptr::null(),
+        num_tokens_post_padded: std::ptr::null(),
+        topk_weights: std::ptr::null(),
+        m: l.m as i64,
+        n: l.geom.n as i64,
+        k: l.geom.k as i64,
+        lda: l.lda as i64,
+        group: l.geom.group as i64,
+        m_blocks: plan.m_blocks as i64,
+        out_rows: 0,
+        top_k: 1,
+        block_size: 0,
+        num_experts: 0,
+        capacity: 0,
+        smem_bytes: smem as i64,
+        channelwise: l.geom.channelwise as i32,
+        split_k: plan.split_k as i32,
+    };
+    if let (Some(mo), Some((sorted, experts, ntpp, tw))) = (&l.moe, &moe_ptrs) {
+        params.sorted_token_ids = sorted.0 as *const _;
+        params.expert_ids = experts.0 as *const _;
+        params.num_tokens_post_padded = ntpp.0 as *const _;
+        params.topk_weights = tw.as_ref().map_or(0, |g| g.0) as *const _;
+        params.out_rows = mo.out_rows as i64;
+        params.top_k = mo.top_k as i64;
+        params.block_size = mo.blocks.block_size as i64;
+        params.num_experts = mo.num_experts as i64;
+        params.capacity = mo.blocks.sorted_token_ids.len() as i64;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (plan.grid_blocks() as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: the caller validated every buffer against the shapes in `params` (A: rows
+    // `(m-1)·lda + k`, Marlin qweight `[E·K/16, 2N]`, scales `[E·K/g, N]`, out rows, routing
+    // arrays); the workspace was reserved for this plan and its counters are zero between
+    // launches; `cfg` matches the instance (256 threads, `smem` bytes of dynamic shared memory,
+    // `grid_blocks` blocks). The guards keep every buffer ordered on lowbit's stream.
+    unsafe { dev.launch(&func, cfg, params) }
+}
+
+/// Gathers activation columns by the act-order `perm`: `dst[r, j] = x[r·lda + perm[j]]`.
+fn gather_columns<T: Half>(
+    dev: &Device,
+    op: &'static str,
+    x: &CudaSlice<T>,
+    m: usize,
+    lda: usize,
+    k: usize,
+    perm: &CudaSlice<i32>,
+) -> Result<CudaSlice<T>> {
+    dev.check_buffer(op, "perm", perm, k)?;
+    let func = dev.function(FAMILY, "lowbit_marlin_gemm_gather_b16", 0)?;
+    // SAFETY: the gather writes every one of the m·k elements.
+    let mut dst = unsafe { dev.alloc_for_kernel::<T>(m * k)? };
+    {
+        let (s, _g1) = dev.ptr(op, "x", x, 2)?;
+        let (p, _g2) = dev.ptr(op, "perm", perm, 4)?;
+        let (d, _g3) = dev.ptr_mut(op, "x_perm", &mut dst, 16)?;
+        let params = ffi::LowbitMarlinGemmGatherParams {
+            src: s as *const _,
+            dst: d as *mut _,
+            perm: p as *const _,
+            m: m as i64,
+            k: k as i64,
+            lda: lda as i64,
+        };
+        // SAFETY: x holds at least (m-1)·lda + k elements (checked by the caller), perm k
+        // entries (out-of-range entries read nothing), dst m·k elements.
+        unsafe { dev.launch(&func, dev.grid_stride(m * k, 256, 256), params)? };
+    }
+    Ok(dst)
+}
+
+/// `Y = X · dequant(W)` into a new `[m, N]` buffer. `x` holds `m` rows of `lda ≥ K` elements
+/// (`lda % 8 == 0`; the buffer needs at least `(m−1)·lda + K` elements).
+pub fn marlin_gemm<T: Half>(
+    dev: &Device,
+    x: &CudaSlice<T>,
+    m: usize,
+    lda: usize,
+    weights: &MarlinWeights<T>,
+    workspace: &mut MarlinWorkspace,
+) -> Result<CudaSlice<T>> {
+    const OP: &str = "marlin_gemm";
+    let n = weights.shape().n;
+    let len = m.checked_mul(n).ok_or_else(|| Error::shape(OP, "M·N overflows"))?;
+    // Validate before allocating; `marlin_gemm_into` validates again (cheap) and launches.
+    validate_dense(dev, OP, x, m, lda, weights)?;
+    // SAFETY: the kernel writes every element of the [m, N] output (every row < m, every
+    // column < N is stored by exactly one block); on error the buffer is dropped.
+    let mut out = unsafe { dev.alloc_for_kernel::<T>(len)? };
+    marlin_gemm_into(dev, x, m, lda, weights, &mut out, workspace)?;
+    Ok(out)
+}
+
+fn validate_dense<T: Half>(
+    dev: &Device,
+    op: &'static str,
+    x: &CudaSlice<T>,
+    m: usize,
+    lda: usize,
+    weights: &MarlinWeights<T>,
+) -> Result<WeightGeom> {
+    let geom = weight_geom(op, weights.shape())?;
+    if m == 0 {
+        return Err(Error::shape(op, "M must be at least 1"));
+    }
+    if lda < geom.k || lda % 8 != 0 {
+        return Err(Error::shape(op, format!("lda = {lda} must be >= K = {} and a multiple of 8", geom.k)));
+    }
+    let x_len = (m - 1)
+        .checked_mul(lda)
+        .and_then(|v| v.checked_add(geom.k))
+        .filter(|&v| v <= i64::MAX as usize)
+        .ok_or_else(|| Error::shape(op, "(M-1)·lda + K overflows"))?;
+    check_min(dev, op, "x", x, x_len)?;
+    dev.check_buffer(op, "qweight", weights.qweight(), geom.k / 16 * 2 * geom.n)?;
+    dev.check_buffer(op, "scales", weights.scales(), geom.k / geom.group * geom.n)?;
+    if let Some(p) = weights.perm() {
+        dev.check_buffer(op, "perm", p, geom.k)?;
+    }
+    Ok(geom)
+}
+
+/// As [`marlin_gemm`], into `out` (exactly `m · N` elements; every element is written).
+pub fn marlin_gemm_into<T: Half>(
+    dev: &Device,
+    x: &CudaSlice<T>,
+    m: usize,
+    lda: usize,
+    weights: &MarlinWeights<T>,
+    out: &mut CudaSlice<T>,
+    workspace: &mut MarlinWorkspace,
+) -> Result<()> {
+    const OP: &str = "marlin_gemm";
+    let geom = validate_dense(dev, OP, x, m, lda, weights)?;
+    dev.check_buffer(OP, "out", out, m * geom.n)?;
+    let plan = plan_gemm(m, geom.n, geom.k, dev.info().sm_count)?;
+    let gathered = match weights.perm() {
+        Some(perm) => Some(gather_columns(dev, OP, x, m, lda, geom.k, perm)?),
+        None => None,
+    };
+    let (a, lda) = match &gathered {
+        Some(g) => (g, geom.k),
+        None => (x, lda),
+    };
+    let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
+    launch_gemm(dev, OP, &launch, &plan, out, workspace)
+}
+
+/// A quantized linear layer for inference: Marlin weights plus its own workspace.
+///
+/// `forward` takes `&self` (the workspace sits behind a mutex), so one layer can be shared by an
+/// engine's threads; launches are ordered on the device's stream.
+#[derive(Debug)]
+pub struct MarlinLinear<T: Half> {
+    weights: MarlinWeights<T>,
+    workspace: Mutex<MarlinWorkspace>,
+}
+
+impl<T: Half> MarlinLinear<T> {
+    /// Wraps repacked weights (see [`MarlinWeights`] for building them from compressed-tensors or
+    /// GPTQ tensors); checks that their shape is one the GEMM supports.
+    pub fn new(weights: MarlinWeights<T>) -> Result<Self> {
+        weight_geom("MarlinLinear::new", weights.shape())?;
+        Ok(MarlinLinear { weights, workspace: Mutex::new(MarlinWorkspace::new()) })
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &MarlinWeights<T> {
+        &self.weights
+    }
+
+    /// Takes the weights back.
+    pub fn into_weights(self) -> MarlinWeights<T> {
+        self.weights
+    }
+
+    /// Output features `N`.
+    pub fn out_features(&self) -> usize {
+        self.weights.shape().n
+    }
+
+    /// Input features `K`.
+    pub fn in_features(&self) -> usize {
+        self.weights.shape().k
+    }
+
+    /// `Y = X · dequant(W)` for a contiguous `X` of `m` rows.
+    pub fn forward(&self, dev: &Device, x: &CudaSlice<T>, m: usize) -> Result<CudaSlice<T>> {
+        self.forward_strided(dev, x, m, self.in_features())
+    }
+
+    /// As [`MarlinLinear::forward`] with a row stride `lda ≥ K`.
+    pub fn forward_strided(&self, dev: &Device, x: &CudaSlice<T>, m: usize, lda: usize) -> Result<CudaSlice<T>> {
+        let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        marlin_gemm(dev, x, m, lda, &self.weights, &mut ws)
+    }
+
+    /// As [`MarlinLinear::forward_strided`], into `out` (`m · N` elements).
+    pub fn forward_into(
+        &self,
+        dev: &Device,
+        x: &CudaSlice<T>,
+        m: usize,
+        lda: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let mut ws = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        marlin_gemm_into(dev, x, m, lda, &self.weights, out, &mut ws)
+    }
+}
+
+/// Stacked expert weights in Marlin layout: qweight `[E, K/16, 2N]` i32, scales `[E, K/g, N]`
+/// (Marlin-permuted per expert), in the activation dtype `T`.
+#[derive(Debug)]
+pub struct MarlinExperts<T> {
+    pub(crate) qweight: CudaSlice<i32>,
+    pub(crate) scales: CudaSlice<T>,
+    pub(crate) num_experts: usize,
+    pub(crate) shape: QuantShape,
+}
+
+impl<T: Half> MarlinExperts<T> {
+    fn check(op: &'static str, num_experts: usize, n: usize, k: usize, group_size: GroupSize) -> Result<QuantShape> {
+        if num_experts == 0 || num_experts > i32::MAX as usize {
+            return Err(Error::shape(op, format!("{num_experts} experts")));
+        }
+        let shape = QuantShape::new(n, k, group_size)?;
+        check_gemm_shape(op, n, k, shape.group)?;
+        if num_experts.checked_mul(n * k).is_none_or(|e| e > i64::MAX as usize / 4) {
+            return Err(Error::shape(op, "the expert stack is too large"));
+        }
+        Ok(shape)
+    }
+
+    fn lens(num_experts: usize, shape: &QuantShape) -> (usize, usize) {
+        (num_experts * (shape.k / 16) * 2 * shape.n, num_experts * shape.groups_per_row() * shape.n)
+    }
+
+    /// Uploads host tensors: `qweight` `[E, K/16, 2N]`, `scales` `[E, K/g, N]` (Marlin order).
+    pub fn from_host(
+        dev: &Device,
+        qweight: &[i32],
+        scales: &[T],
+        num_experts: usize,
+        n: usize,
+        k: usize,
+        group_size: GroupSize,
+    ) -> Result<Self> {
+        const OP: &str = "MarlinExperts::from_host";
+        let shape = Self::check(OP, num_experts, n, k, group_size)?;
+        let (ql, sl) = Self::lens(num_experts, &shape);
+        crate::format::check_len(OP, "qweight", qweight.len(), ql)?;
+        crate::format::check_len(OP, "scales", scales.len(), sl)?;
+        Ok(MarlinExperts { qweight: dev.htod(qweight)?, scales: dev.htod(scales)?, num_experts, shape })
+    }
+
+    /// Takes ownership of device tensors of the same shapes as [`MarlinExperts::from_host`].
+    pub fn from_device(
+        dev: &Device,
+        qweight: CudaSlice<i32>,
+        scales: CudaSlice<T>,
+        num_experts: usize,
+        n: usize,
+        k: usize,
+        group_size: GroupSize,
+    ) -> Result<Self> {
+        const OP: &str = "MarlinExperts::from_device";
+        let shape = Self::check(OP, num_experts, n, k, group_size)?;
+        let (ql, sl) = Self::lens(num_experts, &shape);
+        dev.check_buffer(OP, "qweight", &qweight, ql)?;
+        dev.check_buffer(OP, "scales", &scales, sl)?;
+        Ok(MarlinExperts { qweight, scales, num_experts, shape })
+    }
+
+    /// Number of experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+    /// Output features per expert `N`.
+    pub fn n(&self) -> usize {
+        self.shape.n
+    }
+    /// Input features `K`.
+    pub fn k(&self) -> usize {
+        self.shape.k
+    }
+    /// The group size.
+    pub fn group_size(&self) -> GroupSize {
+        self.shape.group_size
+    }
+    /// The per-expert shape.
+    pub fn shape(&self) -> &QuantShape {
+        &self.shape
+    }
+    /// The stacked Marlin qweight.
+    pub fn qweight(&self) -> &CudaSlice<i32> {
+        &self.qweight
+    }
+    /// The stacked permuted scales.
+    pub fn scales(&self) -> &CudaSlice<T> {
+        &self.scales
+    }
+}
+
+/// Routing blocks produced by `moe_align_block_size` (device buffers).
+///
+/// `sorted_token_ids` has the capacity `max_padded` (a multiple of `block_size`); the used prefix
+/// is the device scalar `num_tokens_post_padded`. `expert_ids` holds one expert per block
+/// (`capacity / block_size` entries at least); −1 marks a block to skip.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeBlocks<'a> {
+    pub sorted_token_ids: &'a CudaSlice<i32>,
+    pub expert_ids: &'a CudaSlice<i32>,
+    pub num_tokens_post_padded: &'a CudaSlice<i32>,
+    pub block_size: usize,
+}
+
+/// The MoE expert GEMM:
+/// `out[id, :] = (topk_weights[id] if given) · A[id / top_k, :] · dequant(W[expert])` for every
+/// valid slot `id` of `sorted_token_ids` (within `num_tokens_post_padded`).
+///
+/// A is `[a_rows, K]` (contiguous; the buffer may be longer); out is `[out_rows, N]` (may be
+/// longer). Padding slots (`id >= out_rows`) and blocks whose expert id is −1 — or outside
+/// `[0, E)`, checked on the device — are skipped: their rows are not written (the caller zeroes
+/// `out` first if some rows may be left unrouted, e.g. under expert parallelism).
+/// Requires `out_rows ≤ a_rows · top_k` so every valid id reads a row of A.
+/// Accumulation in f32; the router weight multiplies the f32 sum before the one rounding to `T`.
+#[allow(clippy::too_many_arguments)]
+pub fn marlin_moe_gemm<T: Half>(
+    dev: &Device,
+    a: &CudaSlice<T>,
+    a_rows: usize,
+    experts: &MarlinExperts<T>,
+    blocks: &MoeBlocks,
+    top_k: usize,
+    topk_weights: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<T>,
+    out_rows: usize,
+    workspace: &mut MarlinWorkspace,
+) -> Result<()> {
+    const OP: &str = "marlin_moe_gemm";
+    let geom = weight_geom(OP, &experts.shape)?;
+    if a_rows == 0 || out_rows == 0 {
+        return Err(Error::shape(OP, "a_rows and out_rows must be at least 1"));
+    }
+    if top_k == 0 {
+        return Err(Error::invalid(OP, "top_k must be at least 1"));
+    }
+    if a_rows > i32::MAX as usize || out_rows > i32::MAX as usize {
+        return Err(Error::shape(OP, "a_rows / out_rows exceed i32::MAX"));
+    }
+    if a_rows.checked_mul(top_k).is_none_or(|v| v < out_rows) {
+        return Err(Error::shape(OP, format!("out_rows = {out_rows} exceeds a_rows · top_k = {a_rows} · {top_k}")));
+    }
+    let capacity = blocks.sorted_token_ids.len();
+    let plan = plan_moe_gemm(blocks.block_size, capacity, geom.n, geom.k, dev.info().sm_count)?;
+    check_min(dev, OP, "a", a, a_rows * geom.k)?;
+    check_min(dev, OP, "out", out, out_rows * geom.n)?;
+    let (ql, sl) = MarlinExperts::<T>::lens(experts.num_experts, &experts.shape);
+    dev.check_buffer(OP, "qweight", &experts.qweight, ql)?;
+    dev.check_buffer(OP, "scales", &experts.scales, sl)?;
+    dev.check_buffer(OP, "sorted_token_ids", blocks.sorted_token_ids, capacity)?;
+    check_min(dev, OP, "expert_ids", blocks.expert_ids, capacity / blocks.block_size)?;
+    check_min(dev, OP, "num_tokens_post_padded", blocks.num_tokens_post_padded, 1)?;
+    if let Some(w) = topk_weights {
+        check_min(dev, OP, "topk_weights", w, out_rows)?;
+    }
+    let moe = MoeArgs { blocks, topk_weights, top_k, out_rows, num_experts: experts.num_experts };
+    let launch =
+        Launch { a, lda: geom.k, m: a_rows, qweight: &experts.qweight, scales: &experts.scales, geom, moe: Some(moe) };
+    launch_gemm(dev, OP, &launch, &plan, out, workspace)
+}
+
+/// Every kernel name the planners can produce for `dtype` (for tests and tooling).
+pub fn all_kernel_names(dtype: DType) -> Vec<String> {
+    let mut v = Vec::new();
+    for moe in [false, true] {
+        for m_tiles in 1..=4 {
+            for block in [BlockShape::N128K128, BlockShape::N256K64] {
+                let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks: 1, n_blocks: 1 };
+                v.push(plan.kernel_name(dtype, moe));
+            }
+        }
+    }
+    v
+}
+
+/// Whether every kernel the planners can name is in the built `marlin` table.
+pub fn kernels_declared() -> bool {
+    [DType::BF16, DType::F16].iter().all(|&d| all_kernel_names(d).iter().all(|n| kernel_declared(FAMILY, n)))
+        && kernel_declared(FAMILY, "lowbit_marlin_gemm_gather_b16")
+}

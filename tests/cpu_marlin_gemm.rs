@@ -1,0 +1,335 @@
+//! CPU checks of the Marlin GEMM: the tile-config planner (pure, only names built kernels), input
+//! validation, the CPU reference, and a model of the kernel's register-level data path (which
+//! int32 nibble and which permuted scale a lane feeds into which B-fragment element) checked
+//! against weights dequantized without the Marlin layout.
+
+use half::{bf16, f16};
+use lowbit::device::kernel_declared;
+use lowbit::format::{self, GroupSize, QuantShape};
+use lowbit::marlin::gemm::{
+    all_kernel_names, check_gemm_shape, kernels_declared, plan_gemm, plan_moe_gemm, BlockShape, GemmPlan, MAX_SPLIT_K,
+    MOE_BLOCK_SIZES,
+};
+use lowbit::reference::gemm::{dequant_codes, gemm_ref_f64, marlin_dequant_ref, moe_gemm_ref, MoeBlocksRef};
+use lowbit::reference::marlin as refm;
+use lowbit::reference::quant::transpose;
+use lowbit::reference::rng::Rng;
+use lowbit::{DType, Float, ScaleFloat};
+
+const MS: [usize; 14] = [1, 2, 3, 8, 13, 16, 26, 33, 64, 67, 257, 658, 1024, 4096];
+const NKS: [(usize, usize); 9] = [
+    (64, 64),
+    (192, 128),
+    (256, 192),
+    (4096, 4096),
+    (28672, 8192),
+    (8192, 28672),
+    (4096, 7168),
+    (7168, 2048),
+    (1536, 2048),
+];
+const SMS: [usize; 5] = [1, 8, 108, 132, 144];
+
+fn check_plan(plan: &GemmPlan, m: usize, n: usize, k: usize, sm: usize) {
+    assert!((1..=4).contains(&plan.m_tiles));
+    assert!(plan.m_blocks * plan.m_blk() >= m, "{plan:?} covers {m} rows");
+    assert!(plan.n_blocks * plan.block.n_blk() >= n && (plan.n_blocks - 1) * plan.block.n_blk() < n);
+    assert_eq!(k % plan.block.k_blk(), 0, "{plan:?}: K = {k} is a whole number of stages");
+    let iters = k / plan.block.k_blk();
+    assert!(plan.split_k >= 1 && plan.split_k <= MAX_SPLIT_K && plan.split_k <= iters.max(1));
+    if plan.split_k > 1 {
+        assert!(plan.tiles() < sm, "split only when the tiles do not fill the device");
+        assert!(plan.grid_blocks() <= sm, "{plan:?} on {sm} SMs");
+        assert!(iters / plan.split_k >= 2, "at least two stages per split");
+    }
+    // The largest configuration stays within the opt-in shared memory of A100/H100 (164/227 KiB).
+    assert!(plan.smem_bytes() <= 160 * 1024, "{plan:?}: {} bytes", plan.smem_bytes());
+    for dt in [DType::BF16, DType::F16] {
+        let name = plan.kernel_name(dt, false);
+        assert!(kernel_declared("marlin", &name), "{name} is not in the built table");
+    }
+}
+
+#[test]
+fn planner_names_only_built_kernels() {
+    assert!(kernels_declared());
+    for dt in [DType::BF16, DType::F16] {
+        for name in all_kernel_names(dt) {
+            assert!(kernel_declared("marlin", &name), "{name}");
+        }
+    }
+    for &m in &MS {
+        for &(n, k) in &NKS {
+            for &sm in &SMS {
+                let plan = plan_gemm(m, n, k, sm).unwrap();
+                check_plan(&plan, m, n, k, sm);
+                assert_eq!(plan, plan_gemm(m, n, k, sm).unwrap(), "pure");
+            }
+        }
+    }
+}
+
+#[test]
+fn planner_choices() {
+    // Small M: narrow, deep blocks; split-K fills the device.
+    let p = plan_gemm(1, 4096, 4096, 132).unwrap();
+    assert_eq!((p.m_tiles, p.block, p.n_blocks), (1, BlockShape::N128K128, 32));
+    assert_eq!(p.split_k, 4);
+    assert_eq!(p.workspace_counters(), 32);
+    assert_eq!(p.workspace_partials(), 32 * 4 * 16 * 128);
+    // Many tiles: no split, no workspace.
+    let p = plan_gemm(16, 28672, 8192, 132).unwrap();
+    assert_eq!((p.split_k, p.workspace_partials(), p.workspace_counters()), (1, 0, 0));
+    // Large M: 64-row, wide blocks.
+    let p = plan_gemm(4096, 4096, 4096, 132).unwrap();
+    assert_eq!((p.m_tiles, p.block, p.m_blocks, p.split_k), (4, BlockShape::N256K64, 64, 1));
+    // K % 128 != 0 forces the 64-deep stages.
+    assert_eq!(plan_gemm(1, 256, 192, 132).unwrap().block, BlockShape::N256K64);
+    // M not a multiple of 16.
+    let p = plan_gemm(67, 256, 256, 132).unwrap();
+    assert_eq!((p.m_tiles, p.m_blocks), (4, 2));
+    let p = plan_gemm(26, 256, 256, 132).unwrap();
+    assert_eq!((p.m_tiles, p.m_blocks), (2, 1));
+}
+
+#[test]
+fn moe_planner() {
+    for &bs in &MOE_BLOCK_SIZES {
+        for &(n, k) in &NKS {
+            let cap = bs * 37;
+            let p = plan_moe_gemm(bs, cap, n, k, 132).unwrap();
+            assert!(p.m_blk() >= bs && p.m_blk() < bs + 16);
+            assert_eq!((p.m_blocks, p.split_k), (37, 1));
+            assert_eq!(p.workspace_partials(), 0);
+            check_plan(&p, bs, n, k, 132);
+            for dt in [DType::BF16, DType::F16] {
+                assert!(kernel_declared("marlin", &p.kernel_name(dt, true)));
+            }
+        }
+    }
+    assert!(plan_moe_gemm(24, 48, 256, 256, 132).is_err());
+    assert!(plan_moe_gemm(16, 40, 256, 256, 132).is_err());
+    assert!(plan_moe_gemm(16, 0, 256, 256, 132).is_err());
+    assert!(plan_moe_gemm(16, 32, 100, 256, 132).is_err());
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(plan_gemm(0, 256, 256, 132).is_err());
+    assert!(plan_gemm(1, 96, 256, 132).is_err());
+    assert!(plan_gemm(1, 256, 96, 132).is_err());
+    assert!(plan_gemm(1, 256, 0, 132).is_err());
+    assert!(check_gemm_shape("t", 256, 256, 32).is_ok());
+    assert!(check_gemm_shape("t", 256, 256, 256).is_ok());
+    assert!(check_gemm_shape("t", 256, 192, 192).is_ok());
+    assert!(check_gemm_shape("t", 256, 256, 16).is_err());
+    assert!(check_gemm_shape("t", 256, 192, 128).is_err());
+    assert!(check_gemm_shape("t", 256, 256, 48).is_err());
+    assert!(plan_gemm(usize::MAX, 256, 256, 132).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A model of the kernel's B path (csrc/marlin/gemm.cuh): NOT a reference. It replays, on the
+// CPU, exactly which bits the kernel takes for every B-fragment element and which scale it
+// multiplies them by, and the test compares the resulting K×N matrix with weights dequantized
+// from the plain codes. Together with the standard mma fragment layout this pins down the
+// kernel's weight path.
+
+/// `channelwise_pos` of the kernel.
+fn channelwise_pos(x: usize) -> usize {
+    let y = x & 31;
+    (x & !31) + 8 * ((y & 7) >> 1) + 2 * (y >> 3) + (y & 1)
+}
+
+/// The f32 value of `T(q · s)` computed as the kernel does: q exact from the exponent trick, then
+/// one rounding of the product.
+fn kernel_dequant<T: Float>(nibble: u32, s: f32) -> f32 {
+    // (base + u) - (base + 8) is exact in T for the kernel's bases (f16 1024, bf16 128).
+    let base = if T::DTYPE == DType::F16 { 1024.0f32 } else { 128.0 };
+    let biased = T::from_f32(base + nibble as f32).to_f32();
+    let q = T::from_f32(biased - (base + 8.0)).to_f32();
+    assert_eq!(q, nibble as f32 - 8.0);
+    T::from_f32(q * s).to_f32()
+}
+
+/// B[k][n] as the kernel's warps see it, for every stage of every block shape.
+fn model_b_matrix<T: Float + ScaleFloat>(
+    qweight: &[i32],
+    scales: &[T],
+    shape: &QuantShape,
+    block: BlockShape,
+) -> Vec<f32> {
+    let (n, k, g) = (shape.n, shape.k, shape.group);
+    let channelwise = g >= k;
+    let gshift = g.trailing_zeros() as usize;
+    let k_blk = block.k_blk();
+    let mut b = vec![f32::NAN; k * n];
+    let mut seen = vec![false; k * n];
+    for k0 in (0..k).step_by(k_blk) {
+        // The stage loads scale rows g0 .. g0 + ng (grouped).
+        let g0 = k0 >> gshift;
+        let ng = if g < k_blk { k_blk >> gshift } else { 1 };
+        for kt_local in 0..k_blk / 16 {
+            let kt = k0 / 16 + kt_local;
+            let gl = ((k0 + 16 * kt_local) >> gshift) - g0;
+            if !channelwise {
+                assert!(gl < ng, "scale row within the stage");
+            }
+            for nt in 0..n / 64 {
+                for lane in 0..32 {
+                    // Scale of n8 subtile b for this lane (its column lane/4 + 8b of the n-tile).
+                    let scale = |sub: usize| -> f32 {
+                        if channelwise {
+                            scales[64 * nt + channelwise_pos(lane / 4 + 8 * sub)].to_f32()
+                        } else {
+                            scales[(g0 + gl) * n + 64 * nt + 8 * (lane / 4) + sub].to_f32()
+                        }
+                    };
+                    for j in 0..4 {
+                        let word = qweight[kt * 2 * n + 128 * nt + 4 * lane + j] as u32;
+                        // (shift, subtile, row offset of the fragment register)
+                        for (shift, sub, roff) in [(0, 2 * j, 0), (4, 2 * j, 8), (8, 2 * j + 1, 0), (12, 2 * j + 1, 8)]
+                        {
+                            let bits = (word >> shift) & 0x000f_000f;
+                            let col = 64 * nt + 8 * sub + lane / 4;
+                            let row = 16 * kt + 2 * (lane % 4) + roff;
+                            for (half, nib) in [(0, bits & 0xf), (1, bits >> 16)] {
+                                let idx = (row + half) * n + col;
+                                assert!(!seen[idx], "element ({}, {col}) fed twice", row + half);
+                                seen[idx] = true;
+                                b[idx] = kernel_dequant::<T>(nib, scale(sub));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(seen.iter().all(|&s| s), "every weight is fed to some fragment");
+    b
+}
+
+fn random_codes(rng: &mut Rng, len: usize) -> Vec<i8> {
+    (0..len).map(|_| rng.below(15) as i8 - 7).collect()
+}
+
+fn random_scales<S: ScaleFloat>(rng: &mut Rng, len: usize) -> Vec<S> {
+    (0..len).map(|_| S::from_f32(rng.range(1e-3, 0.05))).collect()
+}
+
+fn check_model<T: Float + ScaleFloat>(n: usize, k: usize, gs: GroupSize, act_order: bool, seed: u64) {
+    let shape = QuantShape::new(n, k, gs).unwrap();
+    let mut rng = Rng::new(seed);
+    let codes = random_codes(&mut rng, shape.numel());
+    let ct_scales: Vec<T> = random_scales(&mut rng, shape.scales_len()); // [N, K/g]
+    let gptq_scales = transpose(&ct_scales, n, shape.groups_per_row()).unwrap(); // [K/g, N]
+    let packed = format::pack(&codes, &shape).unwrap();
+    // Act-order: a uniform random group assignment (each group exactly g rows).
+    let (perm, g_idx) = if act_order {
+        let mut g_idx: Vec<i32> = (0..k).map(|c| (c / shape.group) as i32).collect();
+        for i in (1..k).rev() {
+            g_idx.swap(i, rng.below(i + 1));
+        }
+        (Some(refm::act_order_perm(&g_idx, k, shape.group).unwrap()), g_idx)
+    } else {
+        (None, (0..k).map(|c| (c / shape.group) as i32).collect())
+    };
+    let qweight = refm::ct_marlin_repack(&packed, perm.as_deref(), k, n).unwrap();
+    let mscales = refm::marlin_permute_scales(&gptq_scales, k, n, shape.group).unwrap();
+    // W[n][c] = T(q · s[g_idx[c]][n]) straight from the codes.
+    let want: Vec<f32> = (0..n * k)
+        .map(|i| {
+            let (nn, c) = (i / k, i % k);
+            let s = gptq_scales[g_idx[c] as usize * n + nn].to_f32();
+            T::from_f32(codes[i] as f32 * s).to_f32()
+        })
+        .collect();
+    if !act_order {
+        assert_eq!(want, dequant_codes::<T, T>(&codes, &ct_scales, &shape).unwrap());
+    }
+    assert_eq!(marlin_dequant_ref::<T, T>(&qweight, &mscales, perm.as_deref(), &shape).unwrap(), want);
+    for block in [BlockShape::N128K128, BlockShape::N256K64] {
+        if k % block.k_blk() != 0 {
+            continue;
+        }
+        let b = model_b_matrix::<T>(&qweight, &mscales, &shape, block);
+        // Kernel row r multiplies gathered activation column perm[r]: B[r][n] == W[n][perm[r]].
+        for r in 0..k {
+            let src = perm.as_ref().map_or(r, |p| p[r] as usize);
+            for nn in 0..n {
+                assert_eq!(
+                    b[r * n + nn].to_bits(),
+                    want[nn * k + src].to_bits(),
+                    "{n}x{k} {gs} act_order={act_order} {block:?}: B[{r}][{nn}]"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kernel_b_path_model_matches_dequant() {
+    let mut seed = 1;
+    for (n, k) in [(64, 64), (128, 128), (192, 256), (256, 384)] {
+        for gs in [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise] {
+            if gs.resolve("t", k).is_err() {
+                continue;
+            }
+            for act_order in [false, true] {
+                if act_order && gs == GroupSize::Channelwise {
+                    continue;
+                }
+                check_model::<bf16>(n, k, gs, act_order, seed);
+                check_model::<f16>(n, k, gs, act_order, seed + 1000);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn act_order_gemm_equals_plain_gemm() {
+    // X·Wᵀ over source order equals the kernel's view: gathered X times Marlin-row-ordered B.
+    let (m, n, k, g) = (3, 64, 128, 32);
+    let shape = QuantShape::new(n, k, GroupSize::Group(g)).unwrap();
+    let mut rng = Rng::new(7);
+    let codes = random_codes(&mut rng, shape.numel());
+    let scales: Vec<bf16> = random_scales(&mut rng, shape.scales_len());
+    let w = dequant_codes::<bf16, bf16>(&codes, &scales, &shape).unwrap();
+    let x: Vec<bf16> = rng.normal_vec(m * k, 1.0);
+    let y = gemm_ref_f64(&x, m, k, k, &w, n).unwrap();
+    let mut perm: Vec<i32> = (0..k as i32).collect();
+    for i in (1..k).rev() {
+        perm.swap(i, rng.below(i + 1));
+    }
+    let xp: Vec<bf16> = (0..m * k).map(|i| x[(i / k) * k + perm[i % k] as usize]).collect();
+    let wp: Vec<f32> = (0..n * k).map(|i| w[(i / k) * k + perm[i % k] as usize]).collect();
+    let yp = gemm_ref_f64(&xp, m, k, k, &wp, n).unwrap();
+    for (a, b) in y.iter().zip(&yp) {
+        assert!((a - b).abs() <= 1e-9 * a.abs().max(1.0));
+    }
+}
+
+#[test]
+fn moe_reference_routes_slots() {
+    // Two experts, top_k 2, three tokens; block size 4 with padding and one skipped block.
+    let (k, n, e, top_k, a_rows) = (4, 2, 2, 2, 3);
+    let out_rows = a_rows * top_k;
+    let a: Vec<f32> = (0..a_rows * k).map(|i| i as f32).collect();
+    let experts: Vec<f32> = (0..e * n * k).map(|i| (i % 3) as f32 - 1.0).collect();
+    let pad = out_rows as i32;
+    let sorted = [0, 3, 5, pad, 1, 2, 4, pad, 0, 0, 0, 0];
+    let expert_ids = [0, 1, -1];
+    let blocks =
+        MoeBlocksRef { sorted_token_ids: &sorted, expert_ids: &expert_ids, num_tokens_post_padded: 8, block_size: 4 };
+    let tw: Vec<f32> = (0..out_rows).map(|i| 0.5 + i as f32).collect();
+    let (out, written) = moe_gemm_ref(&a, a_rows, k, &experts, e, n, &blocks, top_k, Some(&tw), out_rows).unwrap();
+    assert!(written.iter().all(|&w| w));
+    for (id, ex) in [(0usize, 0usize), (3, 0), (5, 0), (1, 1), (2, 1), (4, 1)] {
+        for c in 0..n {
+            let row = id / top_k;
+            let dot: f64 = (0..k).map(|i| a[row * k + i] as f64 * experts[(ex * n + c) * k + i] as f64).sum();
+            assert_eq!(out[id * n + c], tw[id] as f64 * dot);
+        }
+    }
+}
