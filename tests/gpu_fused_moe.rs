@@ -1,0 +1,350 @@
+//! GPU tests of `fused_marlin_moe` against the CPU reference MoE on the dequantized weights:
+//! `mean|Δ| / mean|ref| ≤ 4e-3` (bf16; 1e-3 f16) and `|Δ| ≤ 2e-2` on `randn/10` data, over
+//! M ∈ {1, 33, 123, 666, 2048} × (E, topk) ∈ {(8, 2), (128, 8), (384, 8)} with small and real
+//! hidden/intermediate sizes (the reference is evaluated on a subsample of rows for big cases),
+//! expert parallelism, the QAT consistency property (rollout MoE = MoE on `fake_quant` weights),
+//! determinism, every output element written, and bad input. Skips without a GPU.
+
+mod common;
+
+use lowbit::format::{GroupSize, QuantShape};
+use lowbit::marlin::gemm::{Half, MarlinExperts};
+use lowbit::moe::{self, ExpertMap, MoeOptions, MoeWorkspace};
+use lowbit::reference::moe::{self as rm, MoeDims, PackedExperts};
+use lowbit::reference::rng::Rng;
+use lowbit::reference::{marlin as rmarlin, quant as rq};
+use lowbit::{bf16, f16, Device, Error};
+
+/// Uploads compressed-tensors experts in Marlin layout (repacked on the device, scales permuted
+/// by the reference).
+fn to_marlin<T: Half>(dev: &Device, p: &PackedExperts<T>) -> MarlinExperts<T> {
+    let s = &p.shape;
+    let (pl, sl) = (s.packed_len(), s.scales_len());
+    let mut q = Vec::with_capacity(p.num_experts * pl);
+    let mut sc = Vec::with_capacity(p.num_experts * sl);
+    for e in 0..p.num_experts {
+        let d = dev.htod(&p.packed[e * pl..(e + 1) * pl]).unwrap();
+        q.extend(dev.dtoh(&lowbit::marlin::layout::ct_marlin_repack(dev, &d, None, s).unwrap()).unwrap());
+        let gptq = rq::transpose(&p.scales[e * sl..(e + 1) * sl], s.n, s.groups_per_row()).unwrap();
+        sc.extend(rmarlin::marlin_permute_scales(&gptq, s.k, s.n, s.group).unwrap());
+    }
+    MarlinExperts::from_host(dev, &q, &sc, p.num_experts, s.n, s.k, s.group_size).unwrap()
+}
+
+/// Random experts straight from random codes (cheap for big expert stacks): codes in [-7, 7],
+/// scales ≈ 0.25 / 7 so weights look like `randn/10` after quantization.
+fn random_experts<T: Half>(rng: &mut Rng, e: usize, n: usize, k: usize, g: GroupSize) -> PackedExperts<T> {
+    let shape = QuantShape::new(n, k, g).unwrap();
+    let packed = (0..e * shape.packed_len())
+        .map(|_| {
+            let q: [i8; 8] = std::array::from_fn(|_| rng.below(15) as i8 - 7);
+            lowbit::format::pack8(&q)
+        })
+        .collect();
+    let scales = (0..e * shape.scales_len()).map(|_| T::from_f32(rng.range(0.02, 0.05))).collect();
+    PackedExperts { packed, scales, shape, num_experts: e }
+}
+
+fn random_routing(rng: &mut Rng, tokens: usize, topk: usize, experts: usize) -> (Vec<f32>, Vec<i32>) {
+    let logits: Vec<f32> = (0..tokens * experts).map(|_| rng.normal()).collect();
+    let r = rm::softmax_topk(&logits, tokens, experts, topk, true).unwrap();
+    (r.weights, r.ids)
+}
+
+/// Rows to evaluate the reference on: all of them for small problems, an even subsample otherwise.
+fn sample_rows(tokens: usize, cost_per_row: usize) -> Vec<usize> {
+    let budget = (2_000_000_000 / cost_per_row.max(1)).clamp(8, 256);
+    if tokens <= budget {
+        return (0..tokens).collect();
+    }
+    let step = tokens.div_ceil(budget);
+    let mut v: Vec<usize> = (0..tokens).step_by(step).collect();
+    if v.last() != Some(&(tokens - 1)) {
+        v.push(tokens - 1);
+    }
+    v
+}
+
+/// Checks the GPU output against the reference on the sampled rows.
+#[allow(clippy::too_many_arguments)]
+fn check_rows<T: Half>(
+    what: &str,
+    got: &[T],
+    x: &[T],
+    dims: &MoeDims,
+    w13: &PackedExperts<T>,
+    w2: &PackedExperts<T>,
+    tw: &[f32],
+    ids: &[i32],
+    map: Option<&[i32]>,
+    rel_tol: f64,
+) {
+    let (h, k) = (dims.hidden, dims.topk);
+    let rows = sample_rows(dims.tokens, k * 3 * dims.inter * h);
+    let xs: Vec<T> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].to_vec()).collect();
+    let tws: Vec<f32> = rows.iter().flat_map(|&r| tw[r * k..(r + 1) * k].to_vec()).collect();
+    let idss: Vec<i32> = rows.iter().flat_map(|&r| ids[r * k..(r + 1) * k].to_vec()).collect();
+    let sub = MoeDims { tokens: rows.len(), ..*dims };
+    let want = rm::fused_moe_ref(&xs, &sub, w13, w2, &tws, &idss, map).unwrap();
+    let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+    for (i, &r) in rows.iter().enumerate() {
+        for c in 0..h {
+            let g = got[r * h + c].to_f32() as f64;
+            let w = want[i * h + c] as f64;
+            assert!(g.is_finite(), "{what}: row {r} col {c} is {g}");
+            num += (g - w).abs();
+            den += w.abs();
+            worst = worst.max((g - w).abs());
+        }
+    }
+    let rel = num / den.max(1e-30);
+    assert!(rel <= rel_tol, "{what}: mean|Δ|/mean|ref| = {rel:.2e} > {rel_tol:.0e}");
+    assert!(worst <= 2e-2, "{what}: max |Δ| = {worst:.3e}");
+}
+
+struct Case<T> {
+    w13: PackedExperts<T>,
+    w2: PackedExperts<T>,
+    m13: MarlinExperts<T>,
+    m2: MarlinExperts<T>,
+}
+
+fn case<T: Half>(dev: &Device, rng: &mut Rng, e: usize, h: usize, i: usize, g: GroupSize, quantize: bool) -> Case<T> {
+    let (w13, w2) = if quantize {
+        // randn/10 master weights, quantized the QAT way.
+        let s13 = QuantShape::new(2 * i, h, g).unwrap();
+        let s2 = QuantShape::new(h, i, g).unwrap();
+        let a: Vec<T> = rng.normal_vec(e * s13.numel(), 0.1);
+        let b: Vec<T> = rng.normal_vec(e * s2.numel(), 0.1);
+        (PackedExperts::quantize(&a, &s13, e).unwrap(), PackedExperts::quantize(&b, &s2, e).unwrap())
+    } else {
+        (random_experts(rng, e, 2 * i, h, g), random_experts(rng, e, h, i, g))
+    };
+    let (m13, m2) = (to_marlin(dev, &w13), to_marlin(dev, &w2));
+    Case { w13, w2, m13, m2 }
+}
+
+fn run_case<T: Half>(dev: &Device, rng: &mut Rng, c: &Case<T>, ms: &[usize], topk: usize, rel_tol: f64, what: &str) {
+    let (e, h, i) = (c.w13.num_experts, c.w13.shape.k, c.w2.shape.k);
+    let mut ws = MoeWorkspace::<T>::new(dev).unwrap();
+    for &m in ms {
+        let x: Vec<T> = rng.normal_vec(m * h, 0.1);
+        let (tw, ids) = random_routing(rng, m, topk, e);
+        let (dx, dtw, dids) = (dev.htod(&x).unwrap(), dev.htod(&tw).unwrap(), dev.htod(&ids).unwrap());
+        let out =
+            moe::fused_marlin_moe(dev, &dx, m, &c.m13, &c.m2, &dtw, &dids, topk, None, &MoeOptions::default(), &mut ws)
+                .unwrap();
+        let got = dev.dtoh(&out).unwrap();
+        let dims = MoeDims { tokens: m, hidden: h, inter: i, experts: e, topk };
+        check_rows(&format!("{what} M={m}"), &got, &x, &dims, &c.w13, &c.w2, &tw, &ids, None, rel_tol);
+    }
+}
+
+#[test]
+fn small_hidden_sizes_over_the_grid() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(21);
+    let groups = [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
+    for (idx, (e, topk)) in [(8usize, 2usize), (128, 8), (384, 8)].into_iter().enumerate() {
+        let g = groups[idx % groups.len()];
+        let c = case::<bf16>(&dev, &mut rng, e, 256, 128, g, true);
+        run_case(&dev, &mut rng, &c, &[1, 33, 123, 666, 2048], topk, 4e-3, &format!("bf16 E={e} top{topk} g={g}"));
+    }
+    // All group sizes on one configuration, and f16.
+    for g in groups {
+        let c = case::<bf16>(&dev, &mut rng, 8, 512, 256, g, true);
+        run_case(&dev, &mut rng, &c, &[1, 123], 2, 4e-3, &format!("bf16 g={g}"));
+        let c = case::<f16>(&dev, &mut rng, 8, 512, 256, g, true);
+        run_case(&dev, &mut rng, &c, &[1, 123], 2, 1e-3, &format!("f16 g={g}"));
+    }
+}
+
+#[test]
+fn real_hidden_sizes() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(22);
+    // Qwen3-30B-A3B: E = 128, top-8, H = 2048, I = 768, g = 128.
+    let c = case::<bf16>(&dev, &mut rng, 128, 2048, 768, GroupSize::Group(128), false);
+    run_case(&dev, &mut rng, &c, &[1, 33, 123, 666, 2048], 8, 4e-3, "Qwen3-30B-A3B");
+    // Kimi-K2 expert shape (H = 7168, I = 2048, g = 32) on 8 experts, top-2.
+    let c = case::<bf16>(&dev, &mut rng, 8, 7168, 2048, GroupSize::Group(32), false);
+    run_case(&dev, &mut rng, &c, &[1, 33, 666], 2, 4e-3, "Kimi-K2 shape");
+}
+
+#[test]
+fn expert_parallel_ranks_sum_to_the_full_layer() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(23);
+    let (global, ranks, topk, h, i, m) = (64usize, 4usize, 8usize, 256usize, 128usize, 123usize);
+    let full = case::<bf16>(&dev, &mut rng, global, h, i, GroupSize::Group(64), true);
+    let x: Vec<bf16> = rng.normal_vec(m * h, 0.1);
+    let (tw, ids) = random_routing(&mut rng, m, topk, global);
+    let (dx, dtw, dids) = (dev.htod(&x).unwrap(), dev.htod(&tw).unwrap(), dev.htod(&ids).unwrap());
+    let per = global / ranks;
+    let mut sum = vec![0f64; m * h];
+    for rank in 0..ranks {
+        let map = ExpertMap::contiguous(&dev, global, ranks, rank).unwrap();
+        let slice = |p: &PackedExperts<bf16>| PackedExperts {
+            packed: p.packed[rank * per * p.shape.packed_len()..(rank + 1) * per * p.shape.packed_len()].to_vec(),
+            scales: p.scales[rank * per * p.shape.scales_len()..(rank + 1) * per * p.shape.scales_len()].to_vec(),
+            shape: p.shape,
+            num_experts: per,
+        };
+        let (w13, w2) = (slice(&full.w13), slice(&full.w2));
+        let (m13, m2) = (to_marlin(&dev, &w13), to_marlin(&dev, &w2));
+        let mut ws = MoeWorkspace::<bf16>::new(&dev).unwrap();
+        // Poison the output: every element must be written (tokens with no local expert get 0).
+        let mut out = dev.htod(&vec![bf16::NAN; m * h]).unwrap();
+        moe::fused::fused_marlin_moe_into(
+            &dev,
+            &dx,
+            m,
+            &m13,
+            &m2,
+            &dtw,
+            &dids,
+            topk,
+            Some(&map),
+            &MoeOptions::default(),
+            &mut ws,
+            &mut out,
+        )
+        .unwrap();
+        let got = dev.dtoh(&out).unwrap();
+        let dims = MoeDims { tokens: m, hidden: h, inter: i, experts: per, topk };
+        check_rows(&format!("EP rank {rank}"), &got, &x, &dims, &w13, &w2, &tw, &ids, Some(map.as_slice()), 4e-3);
+        for (s, g) in sum.iter_mut().zip(&got) {
+            *s += g.to_f32() as f64;
+        }
+    }
+    let dims = MoeDims { tokens: m, hidden: h, inter: i, experts: global, topk };
+    let want = rm::fused_moe_ref(&x, &dims, &full.w13, &full.w2, &tw, &ids, None).unwrap();
+    let num: f64 = sum.iter().zip(&want).map(|(s, w)| (s - *w as f64).abs()).sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).abs()).sum();
+    assert!(num / den <= 6e-3, "Σ over ranks vs the full layer: {:.2e}", num / den);
+}
+
+/// QAT consistency: the rollout path (bf16 master weights → `quantize_to_marlin` on the GPU →
+/// fused Marlin MoE) matches the trainer's MoE on `fake_quant` weights.
+#[test]
+fn qat_consistency() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(24);
+    let (e, topk, h, i, m) = (16usize, 4usize, 512usize, 256usize, 67usize);
+    for g in [GroupSize::Group(32), GroupSize::Group(128), GroupSize::Channelwise] {
+        let s13 = QuantShape::new(2 * i, h, g).unwrap();
+        let s2 = QuantShape::new(h, i, g).unwrap();
+        let w13: Vec<bf16> = rng.normal_vec(e * s13.numel(), 0.1);
+        let w2: Vec<bf16> = rng.normal_vec(e * s2.numel(), 0.1);
+        let sync = |w: &[bf16], s: &QuantShape| {
+            let (mut q, mut sc) = (Vec::new(), Vec::new());
+            for chunk in w.chunks(s.numel()) {
+                let d = dev.htod(chunk).unwrap();
+                let mw = lowbit::marlin::sync::quantize_to_marlin::<bf16, bf16>(&dev, &d, s).unwrap();
+                q.extend(dev.dtoh(mw.qweight()).unwrap());
+                sc.extend(dev.dtoh(mw.scales()).unwrap());
+            }
+            MarlinExperts::from_host(&dev, &q, &sc, e, s.n, s.k, s.group_size).unwrap()
+        };
+        let (m13, m2) = (sync(&w13, &s13), sync(&w2, &s2));
+        let x: Vec<bf16> = rng.normal_vec(m * h, 0.1);
+        let (tw, ids) = random_routing(&mut rng, m, topk, e);
+        let mut ws = MoeWorkspace::<bf16>::new(&dev).unwrap();
+        let out = moe::fused_marlin_moe(
+            &dev,
+            &dev.htod(&x).unwrap(),
+            m,
+            &m13,
+            &m2,
+            &dev.htod(&tw).unwrap(),
+            &dev.htod(&ids).unwrap(),
+            topk,
+            None,
+            &MoeOptions::default(),
+            &mut ws,
+        )
+        .unwrap();
+        let got = dev.dtoh(&out).unwrap();
+        let fq = |w: &[bf16], s: &QuantShape| -> Vec<f32> {
+            w.chunks(s.numel()).flat_map(|c| rq::fake_quant::<bf16, bf16>(c, s).unwrap()).map(|v| v.to_f32()).collect()
+        };
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let dims = MoeDims { tokens: m, hidden: h, inter: i, experts: e, topk };
+        let want = rm::moe_ref(&xf, &dims, &fq(&w13, &s13), &fq(&w2, &s2), &tw, &ids, None).unwrap();
+        let num: f64 = got.iter().zip(&want).map(|(g, w)| (g.to_f32() as f64 - *w as f64).abs()).sum();
+        let den: f64 = want.iter().map(|w| (*w as f64).abs()).sum();
+        assert!(num / den <= 4e-3, "g={g}: {:.2e}", num / den);
+    }
+}
+
+#[test]
+fn deterministic_and_workspace_reuse() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(25);
+    let c = case::<bf16>(&dev, &mut rng, 128, 256, 128, GroupSize::Group(128), true);
+    let mut ws = MoeWorkspace::<bf16>::new(&dev).unwrap();
+    let mut first: Vec<Vec<u16>> = Vec::new();
+    for pass in 0..2 {
+        // Sizes going up and down exercise workspace growth and reuse.
+        for (j, m) in [666usize, 1, 2048, 33].into_iter().enumerate() {
+            let mut r = Rng::new(100 + m as u64);
+            let x: Vec<bf16> = r.normal_vec(m * 256, 0.1);
+            let (tw, ids) = random_routing(&mut r, m, 8, 128);
+            let out = moe::fused_marlin_moe(
+                &dev,
+                &dev.htod(&x).unwrap(),
+                m,
+                &c.m13,
+                &c.m2,
+                &dev.htod(&tw).unwrap(),
+                &dev.htod(&ids).unwrap(),
+                8,
+                None,
+                &MoeOptions::default(),
+                &mut ws,
+            )
+            .unwrap();
+            let bits: Vec<u16> = dev.dtoh(&out).unwrap().iter().map(|v| v.to_bits()).collect();
+            if pass == 0 {
+                first.push(bits);
+            } else {
+                assert_eq!(bits, first[j], "M={m}: bit-identical across runs");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_rejected_before_launch() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(26);
+    let c = case::<bf16>(&dev, &mut rng, 8, 256, 128, GroupSize::Group(128), false);
+    let other = case::<bf16>(&dev, &mut rng, 4, 256, 128, GroupSize::Group(128), false);
+    let wide = case::<bf16>(&dev, &mut rng, 8, 256, 192, GroupSize::Group(64), false);
+    let m = 5;
+    let x = dev.htod(&rng.normal_vec::<bf16>(m * 256, 0.1)).unwrap();
+    let tw = dev.htod(&vec![0.5f32; m * 2]).unwrap();
+    let ids = dev.htod(&[0i32, 1, 2, 3, 4, 5, 6, 7, 0, 1]).unwrap();
+    let mut ws = MoeWorkspace::<bf16>::new(&dev).unwrap();
+    let o = MoeOptions::default();
+    let mut call = |m13: &MarlinExperts<bf16>, m2: &MarlinExperts<bf16>, ids: &_, topk: usize, opts: &MoeOptions| {
+        moe::fused_marlin_moe(&dev, &x, m, m13, m2, &tw, ids, topk, None, opts, &mut ws)
+    };
+    assert!(call(&c.m13, &c.m2, &ids, 2, &o).is_ok());
+    assert!(matches!(call(&c.m13, &other.m2, &ids, 2, &o), Err(Error::Shape { .. })), "expert counts differ");
+    assert!(matches!(call(&c.m13, &wide.m2, &ids, 2, &o), Err(Error::Shape { .. })), "w13.n != 2·w2.k");
+    assert!(call(&c.m13, &c.m2, &ids, 9, &o).is_err(), "topk > E");
+    let bad = dev.htod(&[0i32, 1, 2, 3, 4, 5, 6, 8, 0, 1]).unwrap();
+    assert!(matches!(call(&c.m13, &c.m2, &bad, 2, &o), Err(Error::InvalidArgument { .. })), "id 8 of 8 experts");
+    let neg = dev.htod(&[0i32, 1, 2, -3, 4, 5, 6, 7, 0, 1]).unwrap();
+    assert!(matches!(call(&c.m13, &c.m2, &neg, 2, &o), Err(Error::InvalidArgument { .. })));
+    // Without the host check bad ids are skipped on the device: no fault, finite output.
+    let lax = MoeOptions { validate_ids: false, ..o };
+    let out = call(&c.m13, &c.m2, &bad, 2, &lax).unwrap();
+    assert!(dev.dtoh(&out).unwrap().iter().all(|v| v.to_f32().is_finite()));
+    assert!(call(&c.m13, &c.m2, &ids, 2, &MoeOptions { block_size: Some(24), ..o }).is_err(), "block size");
+    let short = dev.htod(&[0i32; 3]).unwrap();
+    assert!(matches!(call(&c.m13, &c.m2, &short, 2, &o), Err(Error::Length { .. })));
+    // The workspace is still usable after errors.
+    assert!(call(&c.m13, &c.m2, &ids, 2, &o).is_ok());
+}

@@ -1,0 +1,228 @@
+//! GPU tests of the MoE routing kernels against the CPU reference: `moe_align_block_size` over
+//! the full grid (exact: the kernel's order within an expert is ascending slot index, the
+//! same as the reference; ids per expert are also compared as sets), determinism, expert maps,
+//! both gating schemes, and bad input. Skips without a GPU.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use lowbit::moe::{self, ExpertMap, GroupedTopK};
+use lowbit::reference::moe as rm;
+use lowbit::reference::rng::Rng;
+use lowbit::{bf16, Error};
+
+fn random_ids(rng: &mut Rng, tokens: usize, topk: usize, experts: usize) -> Vec<i32> {
+    let mut ids = Vec::with_capacity(tokens * topk);
+    for _ in 0..tokens {
+        let mut row: Vec<i32> = Vec::new();
+        while row.len() < topk {
+            let e = rng.below(experts) as i32;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        ids.extend(row);
+    }
+    ids
+}
+
+/// The slots of every expert segment, as sets.
+fn segments(sorted: &[i32], expert_ids: &[i32], bs: usize, ntpp: usize, sentinel: i32) -> Vec<(i32, BTreeSet<i32>)> {
+    let mut out: Vec<(i32, BTreeSet<i32>)> = Vec::new();
+    for b in 0..ntpp / bs {
+        let set: BTreeSet<i32> = sorted[b * bs..(b + 1) * bs].iter().copied().filter(|&s| s != sentinel).collect();
+        out.push((expert_ids[b], set));
+    }
+    out
+}
+
+#[test]
+fn align_matches_reference_on_the_full_grid() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(11);
+    for tokens in [1usize, 3, 256, 2256, 4096] {
+        for topk in [1usize, 2, 8, 16] {
+            for experts in [32usize, 128, 257, 384] {
+                let ids = random_ids(&mut rng, tokens, topk, experts);
+                let d_ids = dev.htod(&ids).unwrap();
+                for bs in [8usize, 16, 32, 64, 128] {
+                    let ctx = format!("tokens {tokens} topk {topk} experts {experts} block {bs}");
+                    let want = rm::moe_align_block_size(&ids, tokens, topk, experts, bs, None).unwrap();
+                    let got = moe::moe_align_block_size(&dev, &d_ids, tokens, topk, experts, bs, None).unwrap();
+                    let ntpp = dev.dtoh(got.num_tokens_post_padded()).unwrap()[0] as usize;
+                    let sorted = dev.dtoh(got.sorted_token_ids()).unwrap();
+                    let eids = dev.dtoh(got.expert_ids()).unwrap();
+                    assert_eq!(ntpp, want.num_tokens_post_padded, "{ctx}");
+                    assert_eq!(eids, want.expert_ids, "{ctx}: expert ids");
+                    let sentinel = (tokens * topk) as i32;
+                    assert_eq!(
+                        segments(&sorted, &eids, bs, ntpp, sentinel),
+                        segments(&want.sorted_token_ids, &want.expert_ids, bs, ntpp, sentinel),
+                        "{ctx}: ids per expert as sets"
+                    );
+                    assert_eq!(sorted, want.sorted_token_ids, "{ctx}: exact order (ascending slot per expert)");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn align_is_deterministic_and_supports_expert_maps() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(12);
+    let (tokens, topk, experts, bs) = (4096, 8, 384, 64);
+    let ids = random_ids(&mut rng, tokens, topk, experts);
+    let d_ids = dev.htod(&ids).unwrap();
+    let run = |map: Option<&ExpertMap>| {
+        let a = moe::moe_align_block_size(&dev, &d_ids, tokens, topk, experts, bs, map).unwrap();
+        (
+            dev.dtoh(a.sorted_token_ids()).unwrap(),
+            dev.dtoh(a.expert_ids()).unwrap(),
+            dev.dtoh(a.num_tokens_post_padded()).unwrap(),
+        )
+    };
+    let first = run(None);
+    for _ in 0..5 {
+        assert_eq!(run(None), first, "bit-identical across runs");
+    }
+    for rank in 0..4 {
+        let map = ExpertMap::contiguous(&dev, experts, 4, rank).unwrap();
+        let want = rm::moe_align_block_size(&ids, tokens, topk, experts, bs, Some(map.as_slice())).unwrap();
+        let (sorted, eids, ntpp) = run(Some(&map));
+        assert_eq!(sorted, want.sorted_token_ids, "rank {rank}");
+        assert_eq!(eids, want.expert_ids, "rank {rank}");
+        assert_eq!(ntpp[0] as usize, want.num_tokens_post_padded);
+    }
+}
+
+#[test]
+fn align_rejects_bad_input() {
+    let dev = gpu_or_skip!();
+    let ids = dev.htod(&[0i32, 3, 1, 7, 2, 1]).unwrap();
+    // Expert id 7 with 4 experts: a typed error naming token 1, k 1 — never an illegal access.
+    match moe::moe_align_block_size(&dev, &ids, 3, 2, 4, 8, None) {
+        Err(Error::InvalidArgument { msg, .. }) => assert!(msg.contains("token 1, k 1"), "{msg}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    let neg = dev.htod(&[0i32, -5]).unwrap();
+    assert!(moe::moe_align_block_size(&dev, &neg, 1, 2, 4, 8, None).is_err());
+    // The status word resets: a good call afterwards succeeds.
+    let good = dev.htod(&[0i32, 3, 1, 2, 2, 1]).unwrap();
+    assert!(moe::moe_align_block_size(&dev, &good, 3, 2, 4, 8, None).is_ok());
+    assert!(moe::moe_align_block_size(&dev, &good, 1, 6, 4, 8, None).is_err(), "topk > E");
+    assert!(moe::moe_align_block_size(&dev, &good, 4, 2, 4, 8, None).is_err(), "length");
+    assert!(moe::moe_align_block_size(&dev, &good, 3, 2, 2000, 8, None).is_err(), "too many experts");
+    assert!(ExpertMap::new(&dev, &[0, 0, -1, -1], 2).is_err());
+    assert!(ExpertMap::new(&dev, &[0, 2, -1, -1], 2).is_err());
+    let map = ExpertMap::new(&dev, &[0, 1, -1], 2).unwrap();
+    assert!(moe::moe_align_block_size(&dev, &good, 3, 2, 4, 8, Some(&map)).is_err(), "map size");
+}
+
+/// Rows whose ranking is decided by more than `eps` at every boundary (so last-ulp differences
+/// between the GPU's and the CPU's exp cannot flip them).
+fn decided(sel: &[f32], picked: &[i32], eps: f32) -> bool {
+    let worst = picked.iter().map(|&e| sel[e as usize]).fold(f32::INFINITY, f32::min);
+    let best_rest =
+        (0..sel.len()).filter(|e| !picked.contains(&(*e as i32))).map(|e| sel[e]).fold(f32::NEG_INFINITY, f32::max);
+    let gaps_ok = picked.windows(2).all(|w| (sel[w[0] as usize] - sel[w[1] as usize]).abs() > eps);
+    worst - best_rest > eps && gaps_ok
+}
+
+#[test]
+fn softmax_gating_matches_reference() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(13);
+    for (tokens, experts, topk) in [(1usize, 8usize, 2usize), (33, 128, 8), (666, 384, 8), (257, 60, 4), (64, 1024, 32)]
+    {
+        for renorm in [false, true] {
+            let logits: Vec<f32> = (0..tokens * experts).map(|_| rng.normal()).collect();
+            let want = rm::softmax_topk(&logits, tokens, experts, topk, renorm).unwrap();
+            let got = moe::softmax_topk(&dev, &dev.htod(&logits).unwrap(), tokens, experts, topk, renorm).unwrap();
+            let (w, ids) = (dev.dtoh(&got.weights).unwrap(), dev.dtoh(&got.ids).unwrap());
+            // Selection on logits is exact: no exp involved.
+            assert_eq!(ids, want.ids, "tokens {tokens} experts {experts}");
+            for (g, r) in w.iter().zip(&want.weights) {
+                assert!((g - r).abs() <= 2e-6 * r.abs().max(1e-3), "{g} vs {r}");
+            }
+        }
+    }
+    // Ties go to the lower index; bf16 logits.
+    let flat = vec![bf16::from_f32(0.5); 2 * 64];
+    let got = moe::softmax_topk(&dev, &dev.htod(&flat).unwrap(), 2, 64, 4, true).unwrap();
+    assert_eq!(dev.dtoh(&got.ids).unwrap(), vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    assert!(dev.dtoh(&got.weights).unwrap().iter().all(|&w| (w - 0.25).abs() < 1e-7));
+    // Bad input.
+    let l = dev.htod(&[0f32; 16]).unwrap();
+    assert!(moe::softmax_topk(&dev, &l, 2, 8, 9, false).is_err());
+    assert!(moe::softmax_topk(&dev, &l, 3, 8, 2, false).is_err());
+}
+
+#[test]
+fn grouped_gating_matches_reference() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(14);
+    let configs = [
+        (256usize, GroupedTopK { topk: 8, n_group: 8, topk_group: 4, renormalize: true, routed_scaling_factor: 2.5 }),
+        (384, GroupedTopK { topk: 8, n_group: 1, topk_group: 1, renormalize: true, routed_scaling_factor: 2.827 }),
+        (64, GroupedTopK { topk: 6, n_group: 32, topk_group: 3, renormalize: false, routed_scaling_factor: 1.0 }),
+    ];
+    for (experts, cfg) in configs {
+        let tokens = 513;
+        let logits: Vec<f32> = (0..tokens * experts).map(|_| rng.normal() * 2.0).collect();
+        let bias: Vec<f32> = (0..experts).map(|_| rng.normal() * 0.05).collect();
+        let want = rm::grouped_topk(&logits, tokens, experts, Some(&bias), &cfg).unwrap();
+        let got = moe::grouped_topk(
+            &dev,
+            &dev.htod(&logits).unwrap(),
+            tokens,
+            experts,
+            Some(&dev.htod(&bias).unwrap()),
+            &cfg,
+        )
+        .unwrap();
+        let (w, ids) = (dev.dtoh(&got.weights).unwrap(), dev.dtoh(&got.ids).unwrap());
+        let mut checked = 0;
+        for t in 0..tokens {
+            let k = cfg.topk;
+            let sel: Vec<f32> = (0..experts).map(|e| rm::sigmoid(logits[t * experts + e]) + bias[e]).collect();
+            let want_ids = &want.ids[t * k..(t + 1) * k];
+            if !decided(&sel, want_ids, 1e-5) {
+                continue; // a near-tie: last-ulp exp differences may legitimately flip it
+            }
+            checked += 1;
+            assert_eq!(&ids[t * k..(t + 1) * k], want_ids, "token {t} experts {experts}");
+            for (g, r) in w[t * k..(t + 1) * k].iter().zip(&want.weights[t * k..(t + 1) * k]) {
+                assert!((g - r).abs() <= 1e-6 * r.abs().max(1e-3), "{g} vs {r}");
+            }
+        }
+        assert!(checked > tokens / 2, "most rows are decided ({checked} of {tokens})");
+        // Same inputs, same bits.
+        let again = moe::grouped_topk(
+            &dev,
+            &dev.htod(&logits).unwrap(),
+            tokens,
+            experts,
+            Some(&dev.htod(&bias).unwrap()),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(dev.dtoh(&again.ids).unwrap(), ids);
+        assert_eq!(
+            dev.dtoh(&again.weights).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            w.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+    // Exact ties: equal logits and no bias → the lowest indices of the lowest groups.
+    let flat = vec![0f32; 256];
+    let cfg = GroupedTopK { topk: 4, n_group: 8, topk_group: 2, renormalize: false, routed_scaling_factor: 1.0 };
+    let got = moe::grouped_topk(&dev, &dev.htod(&flat).unwrap(), 1, 256, None, &cfg).unwrap();
+    assert_eq!(dev.dtoh(&got.ids).unwrap(), vec![0, 1, 2, 3]);
+    // Bad configurations.
+    let l = dev.htod(&[0f32; 256]).unwrap();
+    let bad = GroupedTopK { n_group: 3, ..cfg };
+    assert!(moe::grouped_topk(&dev, &l, 1, 256, None, &bad).is_err());
+    let bad = GroupedTopK { topk: 65, ..cfg };
+    assert!(moe::grouped_topk(&dev, &l, 1, 256, None, &bad).is_err());
+}
