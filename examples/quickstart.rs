@@ -4,15 +4,21 @@
 //!    and the levels used.
 //! 2. Really quantize it (compressed-tensors `weight_packed` + `weight_scale`, what the rollout
 //!    engine loads) and check that dequantizing gives back exactly the fake-quantized weights.
-//! 3. When a GPU is usable, run the same through the CUDA kernels and check them bit for bit
-//!    against the CPU reference.
+//! 3. Lay the weights out for the Marlin W4A16 GEMM (what the rollout engine multiplies with)
+//!    and check that the layout change is exactly invertible.
+//! 4. When a GPU is usable, run the same through the CUDA kernels: fake quant and the one-pass
+//!    weight sync bit for bit against the CPU reference, and the Marlin GEMM against an f64
+//!    product with the fake-quantized weights (training and rollout see the same weights).
 //!
 //! `cargo run --release --example quickstart [N K GROUP]` (GROUP 0 = channelwise).
 
 use std::time::Instant;
 
 use lowbit::format::{GroupSize, QuantShape};
+use lowbit::marlin::{gemm::MarlinLinear, sync};
 use lowbit::quant::{self, FakeQuantOptions};
+use lowbit::reference::gemm as rg;
+use lowbit::reference::marlin as rm;
 use lowbit::reference::quant as rq;
 use lowbit::reference::rng::Rng;
 use lowbit::{bf16, Device, SteMode};
@@ -103,8 +109,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("consistency property violated".into());
     }
 
-    // 3. The same on the GPU, checked against the CPU.
-    println!("\n3. GPU kernels");
+    // 3. Marlin layout for the rollout GEMM, and back.
+    let (mq, ms) = rm::quantize_to_marlin::<bf16, bf16>(&w, &shape)?;
+    let (back_packed, back_scales) = rm::restore_from_marlin(&mq, &ms, &shape)?;
+    println!(
+        "\n3. Marlin layout: qweight [{}, {}] i32, permuted scales [{}, {n}]",
+        k / 16,
+        2 * n,
+        shape.groups_per_row()
+    );
+    let exact = back_packed == packed && back_scales == scales;
+    println!("   restore(quantize_to_marlin(W)) == quantize_pack(W): {}", if exact { "yes" } else { "NO" });
+    if !exact {
+        return Err("Marlin layout is not exactly invertible".into());
+    }
+
+    // 4. The same on the GPU, checked against the CPU.
+    println!("\n4. GPU kernels");
     if !lowbit::device::kernels_built() {
         println!("   skipped: this build has no kernels (run scripts/install-cuda-toolchain.sh and rebuild)");
         return Ok(());
@@ -146,6 +167,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("   STE backward (identity): dW == dY: {}", dev.dtoh(&dw)? == dev.dtoh(&dy)?);
     if !(ok_fq && ok_packed && ok_scales) {
         return Err("GPU result differs from the CPU reference".into());
+    }
+
+    // Weight sync and a rollout GEMM: Y = X · dequant(W)ᵀ for 16 tokens.
+    let marlin = sync::quantize_to_marlin::<bf16, bf16>(&dev, &wd, &shape)?;
+    let (gq, gs, _) = marlin.to_host(&dev)?;
+    println!("   quantize_to_marlin == CPU reference bit for bit: {}", gq == mq && gs == ms);
+    let m = 16;
+    let xs: Vec<bf16> = rng.normal_vec(m * k, 1.0);
+    let layer = MarlinLinear::new(marlin)?;
+    let y = dev.dtoh(&layer.forward(&dev, &dev.htod(&xs)?, m)?)?;
+    let wf: Vec<f32> = q.fake_quant.iter().map(|v| v.to_f32()).collect();
+    let want = rg::gemm_ref_f64(&xs, m, k, k, &wf, n)?;
+    let got: Vec<f64> = y.iter().map(|v| v.to_f32() as f64).collect();
+    let err = rg::rel_mean_abs_err(&got, &want);
+    println!("   marlin_gemm (M = {m}) vs f64 X·fake_quant(W)ᵀ: mean|Δ|/mean|ref| = {err:.2e} (bound 4e-3)");
+    if !(gq == mq && gs == ms) || !(err <= 4e-3) {
+        return Err("GPU rollout path differs from the CPU reference".into());
     }
     Ok(())
 }

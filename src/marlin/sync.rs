@@ -53,7 +53,7 @@ fn run_sync<T: Float, S: ScaleFloat>(
         dev.function(FAMILY, &format!("lowbit_marlin_sync_{}_{t}_{s}", if inline { "inline" } else { "staged" }), 0)?;
     let pre =
         if inline { None } else { Some(dev.function(FAMILY, &format!("lowbit_marlin_sync_scales_{t}_{s}"), 0)?) };
-    let mut status = if check { Some(dev.htod(&[u64::MAX; ffi::LOWBIT_STATUS_WORDS as usize])?) } else { None };
+    let mut status = if check { Some(crate::quant::new_status(dev)?) } else { None };
     {
         let (w_ptr, _g1) = dev.ptr(op, "weights", w, VEC_ALIGN)?;
         let (q_ptr, _g2) = dev.ptr_mut(op, "qweight", qweight, 4)?;
@@ -92,18 +92,10 @@ fn run_sync<T: Float, S: ScaleFloat>(
         // checked, so every tile and scale chunk is complete.
         unsafe { dev.launch(&tile, dev.grid_stride(units, THREADS, 1), params)? };
     }
-    let Some(status) = status else { return Ok(()) };
-    let st = dev.dtoh(&status)?;
-    if st[ffi::LOWBIT_STATUS_NONFINITE as usize] != u64::MAX {
-        let e = st[ffi::LOWBIT_STATUS_NONFINITE as usize] as usize;
-        return Err(Error::NonFinite { op, row: e / shape.k, col: e % shape.k });
+    match status {
+        Some(status) => crate::quant::check_status(dev, op, &status, shape),
+        None => Ok(()),
     }
-    if st[ffi::LOWBIT_STATUS_SCALE_OVERFLOW as usize] != u64::MAX {
-        let g = st[ffi::LOWBIT_STATUS_SCALE_OVERFLOW as usize] as usize;
-        let gpr = shape.groups_per_row();
-        return Err(Error::ScaleOverflow { op, row: g / gpr, group: g % gpr });
-    }
-    Ok(())
 }
 
 /// One pass from master weights `w` (`[N, K]` row-major, the Hugging Face `[out, in]` layout) to

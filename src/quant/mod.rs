@@ -90,7 +90,7 @@ fn run_quant<T: Float, S: ScaleFloat>(
     let name = kernel_name(if bwd { "fq_bwd" } else { "fq_fwd" }, shape, T::DTYPE.name(), S::DTYPE.name());
     let func = dev.function(FAMILY, &name, 0)?;
     let align = VEC_ALIGN;
-    let mut status = if check { Some(dev.htod(&[u64::MAX; ffi::LOWBIT_STATUS_WORDS as usize])?) } else { None };
+    let mut status = if check { Some(new_status(dev)?) } else { None };
     {
         let (w_ptr, _g1) = dev.ptr(op, "weights", w, align)?;
         let grad_guard = grad.map(|g| dev.ptr(op, "grad", g, align)).transpose()?;
@@ -136,8 +136,21 @@ fn run_quant<T: Float, S: ScaleFloat>(
         // accesses; the guards keep them ordered on the stream until after the launch.
         unsafe { dev.launch(&func, cfg, params)? };
     }
-    let Some(status) = status else { return Ok(()) };
-    let st = dev.dtoh(&status)?;
+    match status {
+        Some(status) => check_status(dev, op, &status, shape),
+        None => Ok(()),
+    }
+}
+
+/// A fresh status array for a quantizing kernel: every word all ones ("nothing to report").
+pub(crate) fn new_status(dev: &Device) -> Result<CudaSlice<u64>> {
+    dev.htod(&[u64::MAX; ffi::LOWBIT_STATUS_WORDS as usize])
+}
+
+/// Reads a quantizing kernel's status words back (waiting for it) and turns a report into the
+/// typed error: the first non-finite weight, or the first group whose scale overflowed.
+pub(crate) fn check_status(dev: &Device, op: &'static str, status: &CudaSlice<u64>, shape: &QuantShape) -> Result<()> {
+    let st = dev.dtoh(status)?;
     if st[ffi::LOWBIT_STATUS_NONFINITE as usize] != u64::MAX {
         let e = st[ffi::LOWBIT_STATUS_NONFINITE as usize] as usize;
         return Err(Error::NonFinite { op, row: e / shape.k, col: e % shape.k });
