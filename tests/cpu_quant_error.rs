@@ -23,9 +23,9 @@ fn check_bounds<T: Float, S: ScaleFloat>(std: f32, shape: QuantShape, seed: u64)
     let q = rq::quantize::<T, S>(&w, &shape).unwrap();
     let u = unit_roundoff::<T>();
     let gpr = shape.groups_per_row();
-    for e in 0..shape.numel() {
+    for (e, (x, y)) in w.iter().zip(&q.fake_quant).enumerate() {
         let s = q.scales[(e / shape.k) * gpr + (e % shape.k) / shape.group].to_f32() as f64;
-        let (x, y) = (w[e].to_f32() as f64, q.fake_quant[e].to_f32() as f64);
+        let (x, y) = (x.to_f32() as f64, y.to_f32() as f64);
         let qs = q.codes[e] as f64 * s;
         // Half a step (the f32 quotient may sit a hair past the midpoint), then one rounding of q·s.
         assert_abs_diff_eq!(x, qs, epsilon = 0.5 * s * (1.0 + 1e-6));
