@@ -279,3 +279,496 @@ fn qat_consistency_rollout_equals_fake_quant() {
         );
     }
 }
+
+/// Sequential CPU emulations of `csrc/moe/align.cuh` and `csrc/moe/routing.cuh`: every warp and
+/// lane runs in turn with the kernels' constants, chunking, 16-bit packed histograms, the
+/// last-block scan (parts, batches, warp-shuffle scan), the `match_any` scatter, the padding
+/// pass, and the gating kernels' warp arg-max / group top-2 butterflies. Results are compared
+/// with the references; every output position must be written exactly once and within bounds.
+mod kernel_emulation {
+    use super::*;
+
+    const MAX_EXPERTS: usize = 1024;
+    const MAX_ROUNDS: usize = 16;
+    const COUNT_WARPS: usize = 32;
+
+    fn chunk_plan(slots: usize) -> (usize, usize) {
+        let rounds = slots.div_ceil(64 * 32).clamp(1, MAX_ROUNDS);
+        let chunk = 32 * rounds;
+        (chunk, slots.div_ceil(chunk))
+    }
+
+    /// `block_exclusive_scan` with 1024 threads: shfl_up scans per warp, then over warp sums.
+    fn block_exclusive_scan(x: &[i32]) -> (Vec<i32>, i32) {
+        assert_eq!(x.len(), 1024);
+        let mut incl = x.to_vec();
+        for w in 0..32 {
+            let mut off = 1;
+            while off < 32 {
+                let old: Vec<i32> = incl[w * 32..w * 32 + 32].to_vec();
+                for lane in off..32 {
+                    incl[w * 32 + lane] += old[lane - off];
+                }
+                off <<= 1;
+            }
+        }
+        let s: Vec<i32> = (0..32).map(|w| incl[w * 32 + 31]).collect();
+        let mut si = s.clone();
+        let mut off = 1;
+        while off < 32 {
+            let old = si.clone();
+            for lane in off..32 {
+                si[lane] += old[lane - off];
+            }
+            off <<= 1;
+        }
+        let warp_excl: Vec<i32> = (0..32).map(|l| si[l] - s[l]).collect();
+        let total = si[31];
+        ((0..1024).map(|t| warp_excl[t / 32] + incl[t] - x[t]).collect(), total)
+    }
+
+    struct Aligned {
+        sorted: Vec<i32>,
+        expert_ids: Vec<i32>,
+        ntpp: i32,
+        bad: Option<usize>,
+    }
+
+    // Loops mirror the kernels' thread loops, indices included.
+    #[allow(clippy::needless_range_loop)]
+    fn align(ids: &[i32], e_count: usize, bs: usize, map: Option<&[i32]>) -> Aligned {
+        let slots = ids.len();
+        let capacity = align_capacity(slots, e_count, bs);
+        let (chunk, nc) = chunk_plan(slots);
+        let rounds = chunk / 32;
+        let mut bad: Option<usize> = None;
+        // ---- count: one warp per chunk, 16-bit counts packed two per word.
+        let words = e_count.div_ceil(2);
+        let mut chunk_counts = vec![0i32; nc * e_count];
+        for c in 0..nc.div_ceil(COUNT_WARPS) * COUNT_WARPS {
+            if c >= nc {
+                continue;
+            }
+            let mut row = vec![0u32; words];
+            for r in 0..MAX_ROUNDS {
+                for lane in 0..32 {
+                    let s = c * chunk + r * 32 + lane;
+                    if r >= rounds || s >= slots {
+                        continue;
+                    }
+                    let id = ids[s];
+                    if id >= 0 && (id as usize) < e_count {
+                        let w = &mut row[id as usize / 2];
+                        *w = w.checked_add(1u32 << (16 * (id & 1))).expect("packed count overflow");
+                    } else {
+                        bad = Some(bad.map_or(s, |b| b.min(s)));
+                    }
+                }
+            }
+            for e in 0..e_count {
+                chunk_counts[c * e_count + e] = ((row[e / 2] >> (16 * (e & 1))) & 0xffff) as i32;
+            }
+        }
+        // Independent check of the 16-bit counts.
+        for c in 0..nc {
+            for e in 0..e_count {
+                let n = (c * chunk..((c + 1) * chunk).min(slots)).filter(|&s| ids[s] == e as i32).count();
+                assert_eq!(chunk_counts[c * e_count + e] as usize, n, "chunk {c} expert {e}");
+            }
+        }
+        // ---- align_scan in the last block (1024 threads).
+        let parts = 32usize.min(1.max(MAX_EXPERTS / e_count));
+        assert!(parts * e_count <= MAX_EXPERTS, "partial[] holds parts·E");
+        let per_part = nc.div_ceil(parts);
+        const BATCH: usize = 16;
+        let mut partial = vec![0i32; MAX_EXPERTS];
+        for task in 0..parts * e_count {
+            let (e, c0) = (task % e_count, (task / e_count) * per_part);
+            let c1 = nc.min(c0 + per_part);
+            let mut s = 0;
+            let mut c = c0;
+            while c < c1 {
+                for j in 0..BATCH {
+                    if c + j < c1 {
+                        s += chunk_counts[(c + j) * e_count + e];
+                    }
+                }
+                c += BATCH;
+            }
+            partial[task] = s;
+        }
+        let mut padded = vec![0i32; 1024];
+        let mut count = vec![0i32; 1024];
+        for t in 0..e_count {
+            for q in 0..parts {
+                let v = partial[q * e_count + t];
+                partial[q * e_count + t] = count[t];
+                count[t] += v;
+            }
+            padded[t] = (count[t] + bs as i32 - 1) / bs as i32 * bs as i32;
+        }
+        let (base, total) = block_exclusive_scan(&padded);
+        let expert_base: Vec<i32> = base[..e_count].to_vec();
+        let expert_count: Vec<i32> = count[..e_count].to_vec();
+        for t in 0..e_count {
+            for q in 0..parts {
+                partial[q * e_count + t] += base[t];
+            }
+        }
+        for task in 0..parts * e_count {
+            let (e, c0) = (task % e_count, (task / e_count) * per_part);
+            let c1 = nc.min(c0 + per_part);
+            let mut run = partial[task];
+            for c in c0..c1 {
+                let v = chunk_counts[c * e_count + e];
+                chunk_counts[c * e_count + e] = run;
+                run += v;
+            }
+        }
+        assert!(total as usize <= capacity, "num_tokens_post_padded {total} within capacity {capacity}");
+        // ---- scatter: one warp per chunk, match_any ranks; then padding and labels.
+        let mut sorted = vec![None::<i32>; capacity];
+        let mut eids = vec![None::<i32>; capacity / bs];
+        let put = |v: &mut Vec<Option<i32>>, i: usize, x: i32, what: &str| {
+            assert!(i < v.len(), "{what} write at {i} past {}", v.len());
+            assert!(v[i].is_none(), "{what}[{i}] written twice");
+            v[i] = Some(x);
+        };
+        for c in 0..nc {
+            let mut off: Vec<i32> = chunk_counts[c * e_count..(c + 1) * e_count].to_vec();
+            for r in 0..rounds {
+                let keys: Vec<i32> = (0..32)
+                    .map(|lane| {
+                        let s = c * chunk + r * 32 + lane;
+                        if s < slots && ids[s] >= 0 && (ids[s] as usize) < e_count {
+                            ids[s]
+                        } else {
+                            -1
+                        }
+                    })
+                    .collect();
+                let peers: Vec<u32> =
+                    (0..32).map(|l| (0..32).filter(|&o| keys[o] == keys[l]).fold(0u32, |m, o| m | 1 << o)).collect();
+                let pos: Vec<i32> = (0..32)
+                    .map(|l| {
+                        if keys[l] < 0 {
+                            0
+                        } else {
+                            off[keys[l] as usize] + (peers[l] & ((1u32 << l) - 1)).count_ones() as i32
+                        }
+                    })
+                    .collect();
+                for l in 0..32 {
+                    if keys[l] >= 0 {
+                        put(&mut sorted, pos[l] as usize, (c * chunk + r * 32 + l) as i32, "sorted_token_ids");
+                        if peers[l] & ((1u32 << l) - 1) == 0 {
+                            off[keys[l] as usize] += peers[l].count_ones() as i32;
+                        }
+                    }
+                }
+            }
+        }
+        let sentinel = slots as i32;
+        for e in 0..e_count {
+            let (b0, cnt) = (expert_base[e], expert_count[e]);
+            let padded = (cnt + bs as i32 - 1) / bs as i32 * bs as i32;
+            for i in cnt..padded {
+                put(&mut sorted, (b0 + i) as usize, sentinel, "sorted_token_ids padding");
+            }
+            let label = map.map_or(e as i32, |m| m[e]);
+            for b in b0 / bs as i32..(b0 + padded) / bs as i32 {
+                put(&mut eids, b as usize, label, "expert_ids");
+            }
+        }
+        for i in total as usize..capacity {
+            put(&mut sorted, i, sentinel, "sorted_token_ids tail");
+        }
+        for b in total as usize / bs..capacity / bs {
+            put(&mut eids, b, -1, "expert_ids tail");
+        }
+        Aligned {
+            sorted: sorted.into_iter().map(|v| v.expect("every sorted_token_ids entry written")).collect(),
+            expert_ids: eids.into_iter().map(|v| v.expect("every expert id written")).collect(),
+            ntpp: total,
+            bad,
+        }
+    }
+
+    #[test]
+    fn align_kernels_match_the_reference() {
+        let mut rng = Rng::new(21);
+        for tokens in [1usize, 3, 256, 2256, 4097] {
+            for topk in [1usize, 2, 8] {
+                for experts in [1usize, 2, 32, 257, 384, 1024] {
+                    if topk > experts {
+                        continue;
+                    }
+                    let ids = random_ids(&mut rng, tokens, topk, experts);
+                    let map: Vec<i32> = (0..experts).map(|g| if g % 3 == 1 { (g / 3) as i32 } else { -1 }).collect();
+                    for bs in [1usize, 8, 16, 48, 64] {
+                        let ctx = format!("tokens {tokens} topk {topk} experts {experts} block {bs}");
+                        for m in [None, Some(map.as_slice())] {
+                            let want = rm::moe_align_block_size(&ids, tokens, topk, experts, bs, m).unwrap();
+                            let got = align(&ids, experts, bs, m);
+                            assert_eq!(got.bad, None, "{ctx}");
+                            assert_eq!(got.ntpp as usize, want.num_tokens_post_padded, "{ctx}");
+                            assert_eq!(got.sorted, want.sorted_token_ids, "{ctx}: sorted_token_ids");
+                            assert_eq!(got.expert_ids, want.expert_ids, "{ctx}: expert_ids");
+                        }
+                    }
+                }
+            }
+        }
+        // A skewed routing (every slot to one expert: the largest per-chunk count, 512) and
+        // the chunk plan's round limit.
+        let ids = vec![5i32; 40_000];
+        let want = rm::moe_align_block_size(&ids, 40_000, 1, 8, 64, None).unwrap();
+        let got = align(&ids, 8, 64, None);
+        assert_eq!(got.sorted, want.sorted_token_ids);
+        assert_eq!(got.expert_ids, want.expert_ids);
+    }
+
+    #[test]
+    fn align_kernels_skip_and_report_bad_ids() {
+        let ids = [0i32, 3, 1, 7, 2, -1, 1, 1];
+        let got = align(&ids, 4, 8, None);
+        assert_eq!(got.bad, Some(3));
+        // The good slots are still laid out exactly as the reference lays out the good ones.
+        let good: Vec<i32> = ids.iter().map(|&e| if (0..4).contains(&e) { e } else { 0 }).collect();
+        let want = rm::moe_align_block_size(&good, 4, 2, 4, 8, None).unwrap();
+        let strip = |v: &[i32]| v.iter().copied().filter(|&s| s != 3 && s != 5).collect::<Vec<_>>();
+        assert_eq!(strip(&got.sorted).len(), got.sorted.len());
+        assert!(got.ntpp as usize <= want.num_tokens_post_padded);
+    }
+
+    // ---- gating ----------------------------------------------------------------------------
+
+    fn rank_key(x: f32) -> f32 {
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            x
+        }
+    }
+    fn ranks_before(av: f32, ai: i32, bv: f32, bi: i32) -> bool {
+        if av != bv {
+            return av > bv;
+        }
+        let (an, bn) = (av.is_sign_negative(), bv.is_sign_negative());
+        if an != bn {
+            return bn;
+        }
+        ai < bi
+    }
+    fn warp_argbest(v: &mut [(f32, i32); 32]) {
+        let mut off = 16;
+        while off > 0 {
+            let old = *v;
+            for l in 0..32 {
+                let (ov, oi) = old[l ^ off];
+                if ranks_before(ov, oi, old[l].0, old[l].1) {
+                    v[l] = (ov, oi);
+                }
+            }
+            off >>= 1;
+        }
+        assert!(v.iter().all(|&x| x.0.to_bits() == v[0].0.to_bits() && x.1 == v[0].1), "lanes agree");
+    }
+    fn next_pick(sel: &[f32], group_size: usize, gmask: u32, pv: f32, pi: i32) -> (f32, i32) {
+        let mut lanes = [(f32::NEG_INFINITY, i32::MAX); 32];
+        for (lane, best) in lanes.iter_mut().enumerate() {
+            let mut e = lane;
+            while e < sel.len() {
+                if (gmask >> (e / group_size)) & 1 == 1 {
+                    let v = sel[e];
+                    if ranks_before(pv, pi, v, e as i32) && ranks_before(v, e as i32, best.0, best.1) {
+                        *best = (v, e as i32);
+                    }
+                }
+                e += 32;
+            }
+        }
+        warp_argbest(&mut lanes);
+        lanes[0]
+    }
+
+    /// One token row of `topk_gating<L, GROUPED>`; grouped scores use the reference's sigmoid so
+    /// that the weights can be compared bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_row(
+        logits: &[f32],
+        bias: Option<&[f32]>,
+        grouped: bool,
+        topk: usize,
+        n_group: usize,
+        topk_group: usize,
+        renorm: bool,
+        rsf: f32,
+    ) -> (Vec<i32>, Vec<f32>) {
+        let e_count = logits.len();
+        let score: Vec<f32> = logits.iter().map(|&l| rm::sigmoid(l)).collect();
+        let sel: Vec<f32> = if grouped {
+            (0..e_count).map(|e| rank_key(score[e] + bias.map_or(0.0, |b| b[e]))).collect()
+        } else {
+            logits.iter().map(|&l| rank_key(l)).collect()
+        };
+        let mut gmask = u32::MAX;
+        let mut group_size = e_count;
+        let mx = sel.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if grouped {
+            group_size = e_count / n_group;
+            let topk_group = topk_group.min(n_group); // the host clamps
+            if topk_group < n_group {
+                let mut gscore = [f32::NEG_INFINITY; 32];
+                for (g, gs_out) in gscore.iter_mut().enumerate().take(n_group) {
+                    let mut ab = [(f32::NEG_INFINITY, f32::NEG_INFINITY); 32];
+                    for (lane, (a, b)) in ab.iter_mut().enumerate() {
+                        let mut e = g * group_size + lane;
+                        while e < (g + 1) * group_size {
+                            let v = sel[e];
+                            if v > *a {
+                                *b = *a;
+                                *a = v;
+                            } else if v > *b {
+                                *b = v;
+                            }
+                            e += 32;
+                        }
+                    }
+                    let mut off = 16;
+                    while off > 0 {
+                        let old = ab;
+                        for l in 0..32 {
+                            let (oa, ob) = old[l ^ off];
+                            let (a, b) = old[l];
+                            ab[l] = if oa >= a { (oa, a.max(ob)) } else { (a, b.max(oa)) };
+                        }
+                        off >>= 1;
+                    }
+                    assert!(ab.iter().all(|&x| x == ab[0]), "group top-2 agrees across lanes");
+                    let (a, b) = ab[0];
+                    *gs_out = rank_key(if group_size == 1 { a } else { a + b });
+                }
+                gmask = 0;
+                let (mut pv, mut pi) = (f32::INFINITY, -1);
+                for _ in 0..topk_group {
+                    let mut lanes = [(f32::NEG_INFINITY, i32::MAX); 32];
+                    for (lane, c) in lanes.iter_mut().enumerate() {
+                        if lane < n_group && ranks_before(pv, pi, gscore[lane], lane as i32) {
+                            *c = (gscore[lane], lane as i32);
+                        }
+                    }
+                    warp_argbest(&mut lanes);
+                    assert!((0..n_group as i32).contains(&lanes[0].1), "a group is always found");
+                    gmask |= 1 << lanes[0].1;
+                    (pv, pi) = lanes[0];
+                }
+            }
+        }
+        let (mut pv, mut pi) = (f32::INFINITY, -1);
+        let (mut ids, mut w) = (Vec::new(), Vec::new());
+        let mut total = 0f32;
+        for _ in 0..topk {
+            (pv, pi) = next_pick(&sel, group_size, gmask, pv, pi);
+            assert!((0..e_count as i32).contains(&pi), "a pick is always found");
+            let x = if grouped { score[pi as usize] } else { (pv - mx).exp() };
+            total += x;
+            ids.push(pi);
+            w.push(x);
+        }
+        if grouped {
+            let d = if renorm { total + 1e-20 } else { 1.0 };
+            w.iter_mut().for_each(|x| *x = *x / d * rsf);
+        } else {
+            // Per-lane strided sums, then the xor butterfly, as the kernel adds them.
+            let mut lanes = [0f32; 32];
+            for (lane, acc) in lanes.iter_mut().enumerate() {
+                *acc = sel.iter().skip(lane).step_by(32).map(|&v| (v - mx).exp()).fold(0f32, |a, x| a + x);
+            }
+            let mut off = 16;
+            while off > 0 {
+                let old = lanes;
+                for l in 0..32 {
+                    lanes[l] = old[l] + old[l ^ off];
+                }
+                off >>= 1;
+            }
+            let denom = lanes[0];
+            let d = if renorm { total } else { denom };
+            w.iter_mut().for_each(|x| *x /= d);
+        }
+        (ids, w)
+    }
+
+    #[test]
+    fn gating_selection_matches_the_reference() {
+        let mut rng = Rng::new(22);
+        // Softmax: random logits, heavy ties (bf16-like coarse values), NaN, ±0 and ±inf.
+        for (tokens, experts, topk) in [(40usize, 8usize, 2usize), (20, 60, 4), (10, 384, 8), (4, 1024, 32), (8, 5, 5)]
+        {
+            for renorm in [false, true] {
+                let mut logits: Vec<f32> = (0..tokens * experts).map(|_| (rng.normal() * 4.0).round() / 4.0).collect();
+                for (i, l) in logits.iter_mut().enumerate() {
+                    match i % 37 {
+                        3 => *l = f32::NAN,
+                        5 => *l = -0.0,
+                        6 => *l = 0.0,
+                        7 => *l = f32::NEG_INFINITY,
+                        _ => {}
+                    }
+                }
+                let want = rm::softmax_topk(&logits, tokens, experts, topk, renorm).unwrap();
+                for t in 0..tokens {
+                    let row = &logits[t * experts..(t + 1) * experts];
+                    let (ids, w) = gate_row(row, None, false, topk, 1, 1, renorm, 1.0);
+                    assert_eq!(ids, &want.ids[t * topk..(t + 1) * topk], "softmax token {t} experts {experts}");
+                    for (g, r) in w.iter().zip(&want.weights[t * topk..(t + 1) * topk]) {
+                        // The GPU test's tolerance (f32 exp and sums against the f64 reference).
+                        assert!((g - r).abs() <= 2e-6 * r.abs().max(1e-3), "{g} vs {r}");
+                    }
+                }
+            }
+        }
+        // Grouped: DeepSeek-V3, Kimi-K2, many small groups, one-expert groups, ties, NaN.
+        let configs = [
+            (
+                256usize,
+                GroupedTopK { topk: 8, n_group: 8, topk_group: 4, renormalize: true, routed_scaling_factor: 2.5 },
+            ),
+            (384, GroupedTopK { topk: 8, n_group: 1, topk_group: 1, renormalize: true, routed_scaling_factor: 2.827 }),
+            (64, GroupedTopK { topk: 6, n_group: 32, topk_group: 3, renormalize: false, routed_scaling_factor: 1.0 }),
+            (32, GroupedTopK { topk: 3, n_group: 32, topk_group: 5, renormalize: true, routed_scaling_factor: 1.0 }),
+            (96, GroupedTopK { topk: 4, n_group: 3, topk_group: 9, renormalize: true, routed_scaling_factor: 1.5 }),
+        ];
+        for (experts, cfg) in configs {
+            for coarse in [false, true] {
+                let tokens = 64;
+                let mut logits: Vec<f32> = (0..tokens * experts)
+                    .map(|_| if coarse { (rng.normal() * 2.0).round() } else { rng.normal() * 2.0 })
+                    .collect();
+                logits.iter_mut().step_by(41).for_each(|l| *l = f32::NAN);
+                let bias: Vec<f32> = (0..experts).map(|_| if coarse { 0.0 } else { rng.normal() * 0.05 }).collect();
+                let want = rm::grouped_topk(&logits, tokens, experts, Some(&bias), &cfg).unwrap();
+                let k = cfg.topk;
+                for t in 0..tokens {
+                    let row = &logits[t * experts..(t + 1) * experts];
+                    let (ids, w) = gate_row(
+                        row,
+                        Some(&bias),
+                        true,
+                        k,
+                        cfg.n_group,
+                        cfg.topk_group,
+                        cfg.renormalize,
+                        cfg.routed_scaling_factor,
+                    );
+                    let ctx = format!("grouped token {t} experts {experts} {cfg:?}");
+                    assert_eq!(ids, &want.ids[t * k..(t + 1) * k], "{ctx}");
+                    let wb: Vec<u32> = w.iter().map(|x| x.to_bits()).collect();
+                    let rb: Vec<u32> = want.weights[t * k..(t + 1) * k].iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(wb, rb, "{ctx}: weights bit for bit");
+                }
+            }
+        }
+    }
+}

@@ -153,6 +153,10 @@ fn softmax_gating_matches_reference() {
     let got = moe::softmax_topk(&dev, &dev.htod(&flat).unwrap(), 2, 64, 4, true).unwrap();
     assert_eq!(dev.dtoh(&got.ids).unwrap(), vec![0, 1, 2, 3, 0, 1, 2, 3]);
     assert!(dev.dtoh(&got.weights).unwrap().iter().all(|&w| (w - 0.25).abs() < 1e-7));
+    // Signed zeros rank like the reference's total order (+0 before -0), NaN last.
+    let z = [-0.0f32, 0.0, f32::NAN, -1.0];
+    let got = moe::softmax_topk(&dev, &dev.htod(&z).unwrap(), 1, 4, 4, false).unwrap();
+    assert_eq!(dev.dtoh(&got.ids).unwrap(), rm::softmax_topk(&z, 1, 4, 4, false).unwrap().ids);
     // Bad input.
     let l = dev.htod(&[0f32; 16]).unwrap();
     assert!(moe::softmax_topk(&dev, &l, 2, 8, 9, false).is_err());
@@ -219,6 +223,12 @@ fn grouped_gating_matches_reference() {
     let cfg = GroupedTopK { topk: 4, n_group: 8, topk_group: 2, renormalize: false, routed_scaling_factor: 1.0 };
     let got = moe::grouped_topk(&dev, &dev.htod(&flat).unwrap(), 1, 256, None, &cfg).unwrap();
     assert_eq!(dev.dtoh(&got.ids).unwrap(), vec![0, 1, 2, 3]);
+    // topk_group >= n_group keeps every group, however large (no wrap to a negative count).
+    let huge = GroupedTopK { topk_group: usize::MAX, ..cfg };
+    let all = GroupedTopK { topk_group: cfg.n_group, ..cfg };
+    let got = moe::grouped_topk(&dev, &dev.htod(&flat).unwrap(), 1, 256, None, &huge).unwrap();
+    let want = moe::grouped_topk(&dev, &dev.htod(&flat).unwrap(), 1, 256, None, &all).unwrap();
+    assert_eq!(dev.dtoh(&got.ids).unwrap(), dev.dtoh(&want.ids).unwrap());
     // Bad configurations.
     let l = dev.htod(&[0f32; 256]).unwrap();
     let bad = GroupedTopK { n_group: 3, ..cfg };

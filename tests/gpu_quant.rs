@@ -149,6 +149,15 @@ fn non_finite_weights_are_reported_not_quantized() {
     let wd = dev.htod(&w).unwrap();
     let e = quant::quantize_pack::<f32, f16>(&dev, &wd, &shape).unwrap_err();
     assert!(matches!(e, Error::ScaleOverflow { row: 1, group: 1, .. }), "{e}");
+    // Both kinds of error: the first offending group in (row, group) order wins, as in the
+    // reference (here the overflowing group 0 of row 0 comes before the NaN in row 1).
+    let mut w = vec![1.0f32; 128];
+    w[3] = 1e9;
+    w[70] = f32::NAN;
+    let e = quant::quantize_pack::<f32, f16>(&dev, &dev.htod(&w).unwrap(), &shape).unwrap_err();
+    let want = lowbit::reference::quant::quantize_pack::<f32, f16>(&w, &shape).unwrap_err();
+    assert!(matches!(e, Error::ScaleOverflow { row: 0, group: 0, .. }), "{e}");
+    assert!(matches!(want, Error::ScaleOverflow { row: 0, group: 0, .. }), "{want}");
 }
 
 #[test]

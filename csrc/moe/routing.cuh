@@ -15,9 +15,13 @@ namespace moe {
 
 __device__ __forceinline__ float rank_key(float x) { return isnan(x) ? -INFINITY : x; }
 
-// a ranks before b.
+// a ranks before b: the reference's total order (f32::total_cmp on NaN-free keys), so +0 ranks
+// before -0; equal keys go to the lower index.
 __device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi) {
-    return av > bv || (av == bv && ai < bi);
+    if (av != bv) return av > bv;
+    const bool an = signbit(av), bn = signbit(bv); // differ only for +0 / -0
+    if (an != bn) return bn;
+    return ai < bi;
 }
 
 // Warp arg-max under ranks_before; every lane gets the result.
@@ -116,7 +120,8 @@ __device__ __forceinline__ void topk_gating(const LowbitMoeTopkParams &p) {
                             b = fmaxf(b, oa);
                         }
                     }
-                    const float gs = group_size == 1 ? a : a + b;
+                    // rank_key: +inf + -inf (an infinite bias) is NaN, which ranks as -inf.
+                    const float gs = rank_key(group_size == 1 ? a : a + b);
                     if (lane == g) my_gscore = gs;
                 }
                 gmask = 0;

@@ -205,6 +205,8 @@ pub(crate) fn launch_align(
         }
         dev.check_buffer(op, "expert_map", m.device(), num_experts)?;
     }
+    // A workspace belongs to the device it was created on (its scratch is allocated there).
+    dev.check_buffer(op, "workspace status", &scratch.status, ffi::LOWBIT_MOE_STATUS_WORDS as usize)?;
     let bs = out.block_size;
     if out.capacity != align_capacity(slots, num_experts, bs) || out.capacity % bs != 0 {
         return Err(Error::invalid(op, "alignment buffers were sized for another problem"));

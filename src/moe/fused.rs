@@ -145,6 +145,13 @@ fn validate<T: Half>(
         return Err(Error::invalid(op, format!("block size {block_size} is not one of {MOE_BLOCK_SIZES:?}")));
     }
     validate_align_args(op, tokens, topk, global_experts, block_size)?;
+    // Intermediate sizes in checked arithmetic (tokens and H, I come from the caller).
+    let slots = tokens * topk; // fits i32 (validate_align_args)
+    for (what, a, b) in [("tokens·H", tokens, hidden), ("slots·2I", slots, 2 * inter), ("slots·H", slots, hidden)] {
+        if a.checked_mul(b).is_none_or(|v| v > i64::MAX as usize / 8) {
+            return Err(Error::shape(op, format!("{what} = {a}·{b} is too large")));
+        }
+    }
     dev.check_buffer(op, "x", x, tokens * hidden)?;
     dev.check_buffer(op, "topk_weights", topk_weights, tokens * topk)?;
     dev.check_buffer(op, "topk_ids", topk_ids, tokens * topk)?;

@@ -65,7 +65,9 @@ fn launch_gating<L: Float>(
             experts: experts as i32,
             topk: cfg.topk as i32,
             n_group: cfg.n_group as i32,
-            topk_group: cfg.topk_group as i32,
+            // Clamped: `topk_group >= n_group` keeps every group, and a value above i32::MAX must
+            // not wrap to a negative count (that would leave no group eligible).
+            topk_group: cfg.topk_group.min(cfg.n_group) as i32,
             renormalize: cfg.renormalize as i32,
             routed_scaling_factor: cfg.routed_scaling_factor,
         };

@@ -151,12 +151,17 @@ pub(crate) fn new_status(dev: &Device) -> Result<CudaSlice<u64>> {
 /// typed error: the first non-finite weight, or the first group whose scale overflowed.
 pub(crate) fn check_status(dev: &Device, op: &'static str, status: &CudaSlice<u64>, shape: &QuantShape) -> Result<()> {
     let st = dev.dtoh(status)?;
-    if st[ffi::LOWBIT_STATUS_NONFINITE as usize] != u64::MAX {
-        let e = st[ffi::LOWBIT_STATUS_NONFINITE as usize] as usize;
+    let (nonfinite, overflow) =
+        (st[ffi::LOWBIT_STATUS_NONFINITE as usize], st[ffi::LOWBIT_STATUS_SCALE_OVERFLOW as usize]);
+    // Report what the reference reports: the first offending group in (row, group) order, and
+    // within one group a non-finite weight before its (then also non-finite) scale.
+    let nonfinite_group = if nonfinite == u64::MAX { u64::MAX } else { nonfinite / shape.group as u64 };
+    if nonfinite != u64::MAX && nonfinite_group <= overflow {
+        let e = nonfinite as usize;
         return Err(Error::NonFinite { op, row: e / shape.k, col: e % shape.k });
     }
-    if st[ffi::LOWBIT_STATUS_SCALE_OVERFLOW as usize] != u64::MAX {
-        let g = st[ffi::LOWBIT_STATUS_SCALE_OVERFLOW as usize] as usize;
+    if overflow != u64::MAX {
+        let g = overflow as usize;
         let gpr = shape.groups_per_row();
         return Err(Error::ScaleOverflow { op, row: g / gpr, group: g % gpr });
     }
@@ -270,7 +275,11 @@ fn transpose_words<E: cudarc::driver::DeviceRepr>(
     rows: usize,
     cols: usize,
 ) -> Result<CudaSlice<E>> {
-    dev.check_buffer(op, "src", src, rows * cols)?;
+    let len = rows
+        .checked_mul(cols)
+        .filter(|&len| len > 0 && len <= i64::MAX as usize / 4)
+        .ok_or_else(|| Error::shape(op, format!("[{rows}, {cols}] must be non-empty and fit the address space")))?;
+    dev.check_buffer(op, "src", src, len)?;
     let name = match std::mem::size_of::<E>() {
         2 => "lowbit_transpose_b16",
         4 => "lowbit_transpose_b32",
@@ -278,7 +287,7 @@ fn transpose_words<E: cudarc::driver::DeviceRepr>(
     };
     let func = dev.function(FAMILY, name, 0)?;
     // SAFETY: the transpose writes every element of the [cols, rows] output.
-    let mut dst = unsafe { dev.alloc_for_kernel::<E>(rows * cols)? };
+    let mut dst = unsafe { dev.alloc_for_kernel::<E>(len)? };
     {
         let (s, _g1) = dev.ptr(op, "src", src, 1)?;
         let (d, _g2) = dev.ptr_mut(op, "dst", &mut dst, 1)?;
