@@ -136,10 +136,16 @@ impl AlignScratch {
         if bad == u64::MAX {
             return Ok(None);
         }
+        self.reset_status(dev)?;
+        Ok(Some(bad as usize))
+    }
+
+    /// Clears the status word, so a validating call reports only its own ids (not ones left by
+    /// earlier non-validating calls).
+    pub(crate) fn reset_status(&mut self, dev: &Device) -> Result<()> {
         dev.stream()
             .memcpy_htod(&[u64::MAX; ffi::LOWBIT_MOE_STATUS_WORDS as usize], &mut self.status)
-            .map_err(Error::cuda("memcpy host to device"))?;
-        Ok(Some(bad as usize))
+            .map_err(Error::cuda("memcpy host to device"))
     }
 }
 

@@ -228,6 +228,9 @@ pub fn fused_marlin_moe_into<T: Half>(
     else {
         return Err(Error::invalid(OP, "workspace buffers missing"));
     };
+    if opts.validate_ids {
+        scratch.reset_status(dev)?;
+    }
     launch_align(dev, OP, topk_ids, slots, p.global_experts, expert_map, align, scratch)?;
     if opts.validate_ids {
         if let Some(bad) = scratch.take_bad_slot(dev)? {
