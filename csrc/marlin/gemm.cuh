@@ -229,10 +229,10 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     const int gshift = __ffsll(static_cast<long long>(p.group)) - 1;
 
     // ---- rows of this block (and, for MoE, its expert) ----
-    int64_t moe_start = 0;
+    int64_t moe_start = 0, used = 0;
     if constexpr (MOE) {
         moe_start = mb * p.block_size;
-        const int64_t used = static_cast<int64_t>(__ldg(p.num_tokens_post_padded));
+        used = static_cast<int64_t>(__ldg(p.num_tokens_post_padded));
         if (moe_start >= used || moe_start >= p.capacity) return;   // uniform: whole block exits
         const int e = __ldg(p.expert_ids + mb);
         if (e < 0 || e >= p.num_experts) return;                   // -1 or corrupt: skip, never read
@@ -244,7 +244,8 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
         float wt = 1.0f;
         if constexpr (MOE) {
             const int64_t slot = moe_start + r;
-            if (r < p.block_size && slot < p.capacity) {
+            // Only slots of the used prefix, as the reference (moe_align pads it to whole blocks).
+            if (r < p.block_size && slot < p.capacity && slot < used) {
                 const int64_t id = __ldg(p.sorted_token_ids + slot);
                 if (id >= 0 && id < p.out_rows && id / p.top_k < p.m) {
                     src = id / p.top_k;

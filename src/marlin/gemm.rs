@@ -17,7 +17,8 @@
 //! Shape limits: `N % 64 == 0` (the Marlin layout), `K % 64 == 0` (the kernels' pipeline stage is
 //! 64 or 128 K-rows deep and has no partial-stage predication; the layout itself needs only
 //! `K % 16`, and every group size already implies `K % 32`), `K % 128 == 0` selects the deeper
-//! 128-row stages.
+//! 128-row stages for blocks of up to 48 rows (every planned configuration fits the 99 KiB of
+//! shared memory sm_86/sm_89 allow, see [`SMEM_BUDGET`]).
 
 use std::sync::Mutex;
 
@@ -171,8 +172,19 @@ pub fn check_gemm_shape(op: &'static str, n: usize, k: usize, group: usize) -> R
     Ok(())
 }
 
+/// Shared memory every planned configuration must fit: the 99 KiB opt-in limit of sm_86/sm_89
+/// (A10, A40, L4, L40S, RTX 30/40 run the sm_80 SASS), less the kernel's static shared memory
+/// (the per-row tables, under 1.5 KiB).
+pub const SMEM_BUDGET: usize = 99 * 1024 - 1536;
+
+/// Whether the planners ever pick `m_tiles` with `block`. 64 rows with 128-deep stages would need
+/// 100 KiB of shared memory, more than sm_86/sm_89 allow: that combination is never built.
+pub const fn plannable(m_tiles: usize, block: BlockShape) -> bool {
+    !(m_tiles >= 4 && matches!(block, BlockShape::N128K128))
+}
+
 fn block_shape(m_tiles: usize, n: usize, k: usize) -> BlockShape {
-    if k % 128 == 0 && (m_tiles <= 2 || n % 256 != 0) {
+    if k % 128 == 0 && (m_tiles <= 2 || (n % 256 != 0 && plannable(m_tiles, BlockShape::N128K128))) {
         BlockShape::N128K128
     } else {
         BlockShape::N256K64
@@ -506,7 +518,8 @@ pub fn marlin_gemm_into<T: Half>(
 ) -> Result<()> {
     const OP: &str = "marlin_gemm";
     let geom = validate_dense(dev, OP, x, m, lda, weights)?;
-    dev.check_buffer(OP, "out", out, m * geom.n)?;
+    let out_len = m.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "M·N overflows"))?;
+    dev.check_buffer(OP, "out", out, out_len)?;
     let plan = plan_gemm(m, geom.n, geom.k, dev.info().sm_count)?;
     let gathered = match weights.perm() {
         Some(perm) => Some(gather_columns(dev, OP, x, m, lda, geom.k, perm)?),
@@ -728,8 +741,10 @@ pub fn marlin_moe_gemm<T: Half>(
     }
     let capacity = blocks.sorted_token_ids.len();
     let plan = plan_moe_gemm(blocks.block_size, capacity, geom.n, geom.k, dev.info().sm_count)?;
-    check_min(dev, OP, "a", a, a_rows * geom.k)?;
-    check_min(dev, OP, "out", out, out_rows * geom.n)?;
+    let a_len = a_rows.checked_mul(geom.k).ok_or_else(|| Error::shape(OP, "a_rows·K overflows"))?;
+    let out_len = out_rows.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "out_rows·N overflows"))?;
+    check_min(dev, OP, "a", a, a_len)?;
+    check_min(dev, OP, "out", out, out_len)?;
     let (ql, sl) = MarlinExperts::<T>::lens(experts.num_experts, &experts.shape);
     dev.check_buffer(OP, "qweight", &experts.qweight, ql)?;
     dev.check_buffer(OP, "scales", &experts.scales, sl)?;
@@ -751,6 +766,9 @@ pub fn all_kernel_names(dtype: DType) -> Vec<String> {
     for moe in [false, true] {
         for m_tiles in 1..=4 {
             for block in [BlockShape::N128K128, BlockShape::N256K64] {
+                if !plannable(m_tiles, block) {
+                    continue;
+                }
                 let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks: 1, n_blocks: 1 };
                 v.push(plan.kernel_name(dtype, moe));
             }
