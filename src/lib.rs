@@ -7,10 +7,10 @@
 //! The three sides agree bit for bit on the weights: `fake_quant(W)` equals
 //! `dequantize(quantize_pack(W))`, and the GEMM multiplies by exactly those values.
 //!
-//! * [`reference`]: CPU implementations written from the math; everything is tested against them.
+//! * [`reference`](mod@reference): CPU implementations written from the math; everything is tested against them.
 //! * [`quant`], [`marlin`], [`moe`]: the GPU kernels, one module per family.
 //! * [`device`]: probing the driver, the context/stream, module loading.
-//! * [`format`]: the weight formats (group sizes, shapes, nibble packing).
+//! * [`format`](mod@format): the weight formats (group sizes, shapes, nibble packing).
 //!
 //! The crate builds without nvcc or a GPU: GPU entry points then return
 //! [`Error::KernelsNotBuilt`] / [`Error::NoDriver`] / [`Error::NoDevice`], never panic.
