@@ -120,6 +120,27 @@ pub fn quantize_to_marlin<T: Float, S: ScaleFloat>(
     Ok(MarlinWeights::assemble(qweight, scales, None, *shape))
 }
 
+/// Checks that `w` can be quantized into `dst`'s buffers; returns the shape.
+fn validate_into<T: Float, S: ScaleFloat>(
+    dev: &Device,
+    op: &'static str,
+    dst: &MarlinWeights<S>,
+    w: &impl DevicePtr<T>,
+) -> Result<QuantShape> {
+    let shape = dst.shape;
+    check_shape(op, &shape)?;
+    if dst.perm.is_some() {
+        return Err(Error::invalid(
+            op,
+            "the destination carries an act-order permutation; weights quantized in one pass have none",
+        ));
+    }
+    dev.check_buffer(op, "weights", w, shape.numel())?;
+    dev.check_buffer(op, "qweight", &dst.qweight, qweight_len(&shape))?;
+    dev.check_buffer(op, "scales", &dst.scales, shape.scales_len())?;
+    Ok(shape)
+}
+
 /// [`quantize_to_marlin`] into existing Marlin buffers (an engine's weights, e.g. captured in a
 /// CUDA graph): `w` must have `dst`'s shape, and `dst` must not carry an act-order permutation
 /// (weights quantized from `w` have none). On any error after validation the buffers are zeroed,
@@ -130,17 +151,7 @@ pub fn quantize_to_marlin_into<T: Float, S: ScaleFloat>(
     w: &impl DevicePtr<T>,
 ) -> Result<()> {
     const OP: &str = "quantize_to_marlin_into";
-    let shape = dst.shape;
-    check_shape(OP, &shape)?;
-    if dst.perm.is_some() {
-        return Err(Error::invalid(
-            OP,
-            "the destination carries an act-order permutation; weights quantized in one pass have none",
-        ));
-    }
-    dev.check_buffer(OP, "weights", w, shape.numel())?;
-    dev.check_buffer(OP, "qweight", &dst.qweight, qweight_len(&shape))?;
-    dev.check_buffer(OP, "scales", &dst.scales, shape.scales_len())?;
+    let shape = validate_into(dev, OP, dst, w)?;
     let result = run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, true);
     if result.is_err() {
         let zero_q = dev.stream().memset_zeros(&mut dst.qweight);
@@ -161,17 +172,7 @@ pub fn quantize_to_marlin_into_unchecked<T: Float, S: ScaleFloat>(
     w: &impl DevicePtr<T>,
 ) -> Result<()> {
     const OP: &str = "quantize_to_marlin_into_unchecked";
-    let shape = dst.shape;
-    check_shape(OP, &shape)?;
-    if dst.perm.is_some() {
-        return Err(Error::invalid(
-            OP,
-            "the destination carries an act-order permutation; weights quantized in one pass have none",
-        ));
-    }
-    dev.check_buffer(OP, "weights", w, shape.numel())?;
-    dev.check_buffer(OP, "qweight", &dst.qweight, qweight_len(&shape))?;
-    dev.check_buffer(OP, "scales", &dst.scales, shape.scales_len())?;
+    let shape = validate_into(dev, OP, dst, w)?;
     run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, false)
 }
 
