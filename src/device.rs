@@ -94,6 +94,9 @@ pub struct DeviceInfo {
     pub total_memory: usize,
 }
 
+/// (family, kernel name) → the loaded function and the dynamic shared-memory limit set on it.
+type FunctionCache = HashMap<(&'static str, String), (CudaFunction, usize)>;
+
 /// A GPU, its context, the stream lowbit launches on, and the loaded kernel modules.
 ///
 /// Cheap to share behind an `Arc`; all methods take `&self`. Modules are loaded on first use of
@@ -103,7 +106,8 @@ pub struct Device {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Loaded functions and the dynamic shared-memory limit set on each.
+    functions: Mutex<FunctionCache>,
 }
 
 impl std::fmt::Debug for Device {
@@ -204,30 +208,38 @@ impl Device {
     }
 
     /// The kernel `name` of `family`, loading the family's module on first use; `dynamic_smem`
-    /// above 48 KiB raises the function's dynamic shared-memory limit.
+    /// above 48 KiB raises the function's dynamic shared-memory limit (remembered per function, so
+    /// a later call that needs more raises it again).
     pub(crate) fn function(&self, family: &'static str, name: &str, dynamic_smem: usize) -> Result<CudaFunction> {
         if !kernel_declared(family, name) {
             return Err(Error::KernelMissing { family, kernel: name.to_string() });
         }
-        let key = (family, name.to_string());
-        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(f.clone());
+        if dynamic_smem > self.info.max_shared_optin {
+            return Err(Error::invalid(
+                "launch",
+                format!(
+                    "{name} needs {dynamic_smem} bytes of shared memory; the device allows {}",
+                    self.info.max_shared_optin
+                ),
+            ));
         }
-        let f = self.module(family)?.load_function(name).map_err(Error::cuda("cuModuleGetFunction"))?;
-        if dynamic_smem > 48 * 1024 {
-            if dynamic_smem > self.info.max_shared_optin {
-                return Err(Error::invalid(
-                    "launch",
-                    format!(
-                        "{name} needs {dynamic_smem} bytes of shared memory; the device allows {}",
-                        self.info.max_shared_optin
-                    ),
-                ));
+        let key = (family, name.to_string());
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let (f, smem_limit) = match functions.get(&key) {
+            Some(entry) => entry.clone(),
+            None => {
+                let f = self.module(family)?.load_function(name).map_err(Error::cuda("cuModuleGetFunction"))?;
+                (f, 48 * 1024)
             }
+        };
+        let smem_limit = if dynamic_smem > smem_limit {
             f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic_smem as i32)
                 .map_err(Error::cuda("cuFuncSetAttribute"))?;
-        }
-        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, f.clone());
+            dynamic_smem
+        } else {
+            smem_limit
+        };
+        functions.insert(key, (f.clone(), smem_limit));
         Ok(f)
     }
 
