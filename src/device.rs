@@ -265,7 +265,7 @@ impl Device {
         expected: usize,
     ) -> Result<()> {
         let ctx = buf.stream().context();
-        if !Arc::ptr_eq(ctx, &self.ctx) {
+        if ctx.cu_ctx() != self.ctx.cu_ctx() {
             return Err(Error::WrongDevice { op, name, expected: self.info.ordinal, got: ctx.ordinal() });
         }
         if buf.len() != expected {
