@@ -6,7 +6,9 @@
 # On the build machine:  ../shared/tools/gpu-stage --benches
 # Then, with the device tool: run(command="bash scripts/gpu-session.sh [tests|sanitize|bench]...",
 #                                 carry=[".gpu"])
-# With no arguments it runs all three parts. Exit status: non-zero if any part failed.
+# With no arguments it runs all three parts. One device call is limited to 10 minutes, so a
+# session usually runs the parts as separate calls: `tests`, then `sanitize`, then `bench`.
+# Exit status: non-zero if any part failed.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-/tmp/gpu-out}
