@@ -112,6 +112,26 @@ fn resolve_group(
 }
 
 /// Validates an act-order `g_idx` and returns `(g_idx, perm)`, or `None` when it is trivial.
+/// The optional act-order `g_idx` tensor `name` (i32 `[K]`): validated, recorded among the
+/// layer's `inputs`, and turned into `(g_idx, perm)` when it is not the trivial order.
+#[allow(clippy::type_complexity)]
+fn optional_g_idx(
+    ck: &Checkpoint,
+    name: String,
+    role: &str,
+    shape: &QuantShape,
+    inputs: &mut Vec<String>,
+) -> Result<(Option<Vec<i32>>, Option<Vec<i32>>)> {
+    let Some((_, gt)) = ck.get(&name) else { return Ok((None, None)) };
+    expect(ck, gt, &[Dtype::I32], 1, role)?;
+    if gt.shape != [shape.k] {
+        return Err(terr(ck, &name, format!("shape {:?} (expected [{}])", gt.shape, shape.k)));
+    }
+    let ao = act_order(ck, &name, read_i32(ck, &name)?, shape)?;
+    inputs.push(name);
+    Ok(ao.map_or((None, None), |(g, p)| (Some(g), Some(p))))
+}
+
 fn act_order(ck: &Checkpoint, name: &str, g_idx: Vec<i32>, shape: &QuantShape) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
     if g_idx.iter().enumerate().all(|(r, &g)| g as i64 == (r / shape.group) as i64) {
         return Ok(None);
@@ -167,16 +187,7 @@ pub(crate) fn probe_ct(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>) -> Resu
     }
     let shape = resolve_group(ck, &scale_n, k, n, scale.shape[1], cfg)?;
     let mut inputs = vec![packed_n.clone(), scale_n.clone(), shape_n];
-    let mut ao = None;
-    if let Some((_, gt)) = ck.get(&gidx_n) {
-        expect(ck, gt, &[Dtype::I32], 1, "weight_g_idx")?;
-        if gt.shape != [k] {
-            return Err(terr(ck, &gidx_n, format!("shape {:?} (expected [{k}])", gt.shape)));
-        }
-        ao = act_order(ck, &gidx_n, read_i32(ck, &gidx_n)?, &shape)?;
-        inputs.push(gidx_n);
-    }
-    let (g_idx, perm) = ao.map_or((None, None), |(g, p)| (Some(g), Some(p)));
+    let (g_idx, perm) = optional_g_idx(ck, gidx_n, "weight_g_idx", &shape, &mut inputs)?;
     Ok(LinearMeta {
         prefix: p.to_string(),
         layout: Layout::Ct,
@@ -244,16 +255,7 @@ pub(crate) fn probe_gptq(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>, v2: O
         return Err(terr(ck, &qz_n, why));
     }
     let mut inputs = vec![qw_n.clone(), sc_n.clone(), qz_n];
-    let mut ao = None;
-    if let Some((_, gt)) = ck.get(&gi_n) {
-        expect(ck, gt, &[Dtype::I32], 1, "GPTQ g_idx")?;
-        if gt.shape != [k] {
-            return Err(terr(ck, &gi_n, format!("shape {:?} (expected [{k}])", gt.shape)));
-        }
-        ao = act_order(ck, &gi_n, read_i32(ck, &gi_n)?, &shape)?;
-        inputs.push(gi_n);
-    }
-    let (g_idx, perm) = ao.map_or((None, None), |(g, p)| (Some(g), Some(p)));
+    let (g_idx, perm) = optional_g_idx(ck, gi_n, "GPTQ g_idx", &shape, &mut inputs)?;
     Ok(LinearMeta {
         prefix: p.to_string(),
         layout: Layout::Gptq,
