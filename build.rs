@@ -317,6 +317,11 @@ fn compile_family(
         args.push("-gencode".into());
         args.push(format!("arch=compute_{a},code=sm_{a}"));
     }
+    // compute_80 PTX, uncompressed: what lowbit-sim interprets, and what a real GPU newer than
+    // every SASS target JITs.
+    args.push("-gencode".into());
+    args.push("arch=compute_80,code=compute_80".into());
+    args.push("--no-compress".into());
 
     let mut h = DefaultHasher::new();
     tu.hash(&mut h);

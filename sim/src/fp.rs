@@ -1,0 +1,1 @@
+//! IEEE arithmetic and conversions with PTX rounding modes.
