@@ -188,10 +188,9 @@ impl GlobalMemory {
     /// Frees the allocation that starts at `ptr`.
     pub fn free(&self, ptr: u64) -> Result<()> {
         let mut t = self.write();
-        let i = t
-            .live
-            .binary_search_by_key(&ptr, |a| a.base)
-            .map_err(|_| SimError::invalid_value(format!("cuMemFree: {ptr:#x} is not the start of a live allocation")))?;
+        let i = t.live.binary_search_by_key(&ptr, |a| a.base).map_err(|_| {
+            SimError::invalid_value(format!("cuMemFree: {ptr:#x} is not the start of a live allocation"))
+        })?;
         let a = t.live.remove(i);
         t.bytes -= a.size as u64;
         t.freed.push((a.base, a.size, a.serial));

@@ -1,0 +1,309 @@
+//! Memory accesses of one thread: global (through the launch's allocation table), shared (with
+//! the race and `cp.async` shadows), param. Each returns a [`MemErr`] that the caller turns into
+//! a report naming the thread and instruction.
+
+use super::cta::Cta;
+use super::Launch;
+use crate::cuda;
+use crate::ir::{PARAM_BASE, SHARED_GENERIC_BASE};
+
+/// A failed access: CUDA error code, title, detail.
+pub(crate) struct MemErr {
+    pub code: u32,
+    pub title: String,
+    pub detail: String,
+}
+
+fn merr(code: u32, title: impl Into<String>, detail: impl Into<String>) -> MemErr {
+    MemErr { code, title: title.into(), detail: detail.into() }
+}
+
+/// Where a generic address points.
+pub(crate) enum Where {
+    Global(u64),
+    Shared(u32),
+    Param(usize),
+}
+
+/// Resolves a generic address.
+#[inline]
+pub(crate) fn classify(addr: u64) -> Where {
+    if (SHARED_GENERIC_BASE..SHARED_GENERIC_BASE + (1 << 32)).contains(&addr) {
+        Where::Shared((addr - SHARED_GENERIC_BASE) as u32)
+    } else if (PARAM_BASE..PARAM_BASE + (1 << 32)).contains(&addr) {
+        Where::Param((addr - PARAM_BASE) as usize)
+    } else {
+        Where::Global(addr)
+    }
+}
+
+impl Launch<'_> {
+    /// The allocation and offset for a global access of `len` bytes (bounds, alignment, liveness).
+    #[inline]
+    pub(crate) fn global(&mut self, addr: u64, len: usize, align: usize) -> Result<(usize, usize), MemErr> {
+        if align > 1 && addr % align as u64 != 0 {
+            return Err(merr(
+                cuda::MISALIGNED_ADDRESS,
+                "misaligned global access",
+                format!("address {addr:#x} of a {len}-byte access is not {align}-byte aligned"),
+            ));
+        }
+        let live = &self.view.live;
+        if let Some(a) = live.get(self.last_alloc) {
+            if addr >= a.base && addr + len as u64 <= a.end() {
+                return Ok((self.last_alloc, (addr - a.base) as usize));
+            }
+        }
+        match self.view.find(addr, len) {
+            Ok((a, off)) => {
+                let i = self.view.index_of(a.base).unwrap_or(0);
+                self.last_alloc = i;
+                Ok((i, off))
+            }
+            Err(f) => Err(merr(
+                cuda::ILLEGAL_ADDRESS,
+                "invalid global access",
+                format!("{len}-byte access at {addr:#x} {}", self.view.describe(addr, &f)),
+            )),
+        }
+    }
+
+    /// Reads `out.len()` global bytes, checking initialisation.
+    #[inline]
+    pub(crate) fn gload(&mut self, addr: u64, out: &mut [u8], align: usize) -> Result<(), MemErr> {
+        let (i, off) = self.global(addr, out.len(), align)?;
+        let a = &self.view.live[i];
+        if self.check {
+            if let Some(b) = a.first_uninit(off, out.len()) {
+                return Err(merr(
+                    cuda::LAUNCH_FAILED,
+                    "uninitialised global memory read",
+                    format!(
+                        "{}-byte load at {addr:#x} reads byte {} of {:?}, which nothing has written",
+                        out.len(),
+                        b,
+                        a
+                    ),
+                ));
+            }
+        }
+        a.read_bytes(off, out);
+        if self.profiling {
+            let bits = self.unique.entry(a.serial).or_insert_with(|| vec![0; a.size.div_ceil(64)]);
+            for b in off..off + out.len() {
+                bits[b / 64] |= 1 << (b % 64);
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    pub(crate) fn gstore(&mut self, addr: u64, src: &[u8], align: usize) -> Result<(), MemErr> {
+        let (i, off) = self.global(addr, src.len(), align)?;
+        self.view.live[i].write_bytes(off, src);
+        self.progress += 1;
+        Ok(())
+    }
+
+    #[inline]
+    pub(crate) fn pload(&self, off: usize, out: &mut [u8]) -> Result<(), MemErr> {
+        if off + out.len() > self.params.len() {
+            return Err(merr(
+                cuda::ILLEGAL_ADDRESS,
+                "invalid parameter access",
+                format!(
+                    "{}-byte load at parameter offset {off}; the kernel's parameters are {} bytes",
+                    out.len(),
+                    self.params.len()
+                ),
+            ));
+        }
+        out.copy_from_slice(&self.params[off..off + out.len()]);
+        Ok(())
+    }
+}
+
+impl Cta {
+    fn shared_bounds(&self, l: &Launch<'_>, off: u32, len: usize, align: usize) -> Result<usize, MemErr> {
+        if align > 1 && off as usize % align != 0 {
+            return Err(merr(
+                cuda::MISALIGNED_ADDRESS,
+                "misaligned shared access",
+                format!("shared address {off:#x} of a {len}-byte access is not {align}-byte aligned"),
+            ));
+        }
+        let o = off as usize;
+        if o + len > self.smem.len() {
+            return Err(merr(
+                cuda::ILLEGAL_ADDRESS,
+                "invalid shared access",
+                format!(
+                    "{len}-byte access at shared address {off:#x}; the block has {} bytes ({} static + {} dynamic)",
+                    self.smem.len(),
+                    l.k.dyn_smem_base,
+                    l.cfg.dynamic_smem
+                ),
+            ));
+        }
+        Ok(o)
+    }
+
+    fn stamp(&self, tid: u32) -> u64 {
+        self.epoch << 16 | (tid as u64 + 1)
+    }
+
+    /// Shared load by thread `tid` (race: a write by another warp since the last barrier).
+    #[inline]
+    pub(crate) fn sload(
+        &mut self,
+        l: &Launch<'_>,
+        tid: u32,
+        off: u32,
+        out: &mut [u8],
+        align: usize,
+    ) -> Result<(), MemErr> {
+        let o = self.shared_bounds(l, off, out.len(), align)?;
+        if l.check {
+            let me = self.stamp(tid);
+            for b in o..o + out.len() {
+                if self.pending[b] != 0 {
+                    return Err(merr(
+                        cuda::LAUNCH_FAILED,
+                        "cp.async destination read before cp.async.wait_group",
+                        format!(
+                            "shared byte {b:#x} is the destination of a cp.async that no wait_group has covered yet"
+                        ),
+                    ));
+                }
+                let w = self.wstamp[b];
+                if w >> 16 == self.epoch && (w & 0xFFFF) as u32 != 0 && ((w & 0xFFFF) as u32 - 1) / 32 != tid / 32 {
+                    let other = (w & 0xFFFF) as u32 - 1;
+                    return Err(merr(
+                        cuda::LAUNCH_FAILED,
+                        "shared-memory data race (read after write)",
+                        format!(
+                            "thread {tid} reads shared byte {b:#x}, which thread {other} (another warp) wrote with no barrier in between"
+                        ),
+                    ));
+                }
+                let r = self.rstamp[b];
+                self.rstamp[b] =
+                    if r >> 16 == self.epoch && (r & 0xFFFF) != 0 && ((r & 0xFFFF) as u32 - 1) / 32 != tid / 32 {
+                        self.epoch << 16 | 0xFFFF
+                    } else if r >> 16 == self.epoch && r & 0xFFFF == 0xFFFF {
+                        r
+                    } else {
+                        me
+                    };
+            }
+        }
+        out.copy_from_slice(&self.smem[o..o + out.len()]);
+        Ok(())
+    }
+
+    /// Shared store by thread `tid` (races: a read or write by another warp since the barrier).
+    #[inline]
+    pub(crate) fn sstore(
+        &mut self,
+        l: &Launch<'_>,
+        tid: u32,
+        off: u32,
+        src: &[u8],
+        align: usize,
+    ) -> Result<(), MemErr> {
+        let o = self.shared_bounds(l, off, src.len(), align)?;
+        if l.check {
+            self.check_write(tid, o, src.len())?;
+        }
+        self.smem[o..o + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn check_write(&mut self, tid: u32, o: usize, len: usize) -> Result<(), MemErr> {
+        let me = self.stamp(tid);
+        for b in o..o + len {
+            if self.pending[b] != 0 {
+                return Err(merr(
+                    cuda::LAUNCH_FAILED,
+                    "shared-memory data race with a pending cp.async",
+                    format!("thread {tid} writes shared byte {b:#x}, the destination of a cp.async not yet waited for"),
+                ));
+            }
+            let w = self.wstamp[b];
+            if w >> 16 == self.epoch && w & 0xFFFF != 0 && ((w & 0xFFFF) as u32 - 1) / 32 != tid / 32 {
+                return Err(merr(
+                    cuda::LAUNCH_FAILED,
+                    "shared-memory data race (write after write)",
+                    format!(
+                        "thread {tid} writes shared byte {b:#x}, which thread {} (another warp) wrote with no barrier in between",
+                        (w & 0xFFFF) - 1
+                    ),
+                ));
+            }
+            let r = self.rstamp[b];
+            if r >> 16 == self.epoch
+                && r & 0xFFFF != 0
+                && (r & 0xFFFF == 0xFFFF || ((r & 0xFFFF) as u32 - 1) / 32 != tid / 32)
+            {
+                let who = if r & 0xFFFF == 0xFFFF {
+                    "threads of several warps".to_string()
+                } else {
+                    format!("thread {}", (r & 0xFFFF) - 1)
+                };
+                return Err(merr(
+                    cuda::LAUNCH_FAILED,
+                    "shared-memory data race (write after read)",
+                    format!("thread {tid} writes shared byte {b:#x}, which {who} read with no barrier in between"),
+                ));
+            }
+            self.wstamp[b] = me;
+        }
+        Ok(())
+    }
+
+    /// Shared atomics: bounds and alignment only (atomics do not race with each other).
+    #[inline]
+    pub(crate) fn satomic(&mut self, l: &Launch<'_>, off: u32, len: usize) -> Result<usize, MemErr> {
+        self.shared_bounds(l, off, len, len)
+    }
+
+    /// Bounds-checks a `cp.async` destination and marks it pending.
+    pub(crate) fn cp_dst(&mut self, l: &Launch<'_>, off: u32, len: usize) -> Result<(), MemErr> {
+        let o = self.shared_bounds(l, off, len, len)?;
+        if l.check {
+            for p in &mut self.pending[o..o + len] {
+                *p = p.saturating_add(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the pending `cp.async` of `lanes` in warp `wi` whose group is older than the
+    /// `keep` most recent committed groups (`keep == u32::MAX`: all, committed or not).
+    pub(crate) fn complete_cp(&mut self, l: &Launch<'_>, wi: usize, lanes: u32, keep: u32) {
+        let w = &mut self.warps[wi];
+        let committed = w.cp_committed;
+        let mut done = Vec::new();
+        w.cp.retain(|c| {
+            let lane = c.lane as usize;
+            let finish = lanes >> lane & 1 != 0
+                && (keep == u32::MAX || (c.group != u32::MAX && c.group + keep < committed[lane]));
+            if finish {
+                done.push(*c);
+            }
+            !finish
+        });
+        for c in done {
+            let o = c.dst as usize;
+            let len = c.len as usize;
+            self.smem[o..o + len].copy_from_slice(&c.data[..len]);
+            if l.check {
+                let me = self.stamp(wi as u32 * 32 + c.lane as u32);
+                for b in o..o + len {
+                    self.pending[b] = self.pending[b].saturating_sub(1);
+                    self.wstamp[b] = me;
+                }
+            }
+        }
+    }
+}
