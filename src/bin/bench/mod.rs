@@ -177,7 +177,7 @@ struct Bench {
 /// What one case measured (GPU) or counted (simulator).
 enum Outcome {
     Measured { seconds: f64, launches: f64 },
-    Simulated { launches: Vec<Value> },
+    Simulated { launches: Vec<Value>, issued: u64 },
 }
 
 impl Bench {
@@ -186,40 +186,44 @@ impl Bench {
     fn run(&self, mut f: impl FnMut(usize) -> Result<()>) -> Result<Outcome> {
         let dev = &self.dev;
         if self.sim {
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.profile)
-                .map_err(|e| Error::Io { path: self.profile.display().to_string(), source: e })?;
-            let start = file.seek(SeekFrom::End(0)).unwrap_or(0);
-            drop(file);
+            let io = |e| Error::Io { path: self.profile.display().to_string(), source: e };
+            // The profile is appended to: the lines after its current end belong to this call.
+            let offset = std::fs::metadata(&self.profile).map(|m| m.len()).unwrap_or(0);
+            let before = dev.launch_count();
             f(0)?;
             dev.synchronize()?;
-            let mut file = std::fs::File::open(&self.profile)
-                .map_err(|e| Error::Io { path: self.profile.display().to_string(), source: e })?;
-            file.seek(SeekFrom::Start(start))
-                .map_err(|e| Error::Io { path: self.profile.display().to_string(), source: e })?;
+            let issued = dev.launch_count() - before;
             let mut launches = Vec::new();
-            for line in std::io::BufReader::new(file).lines() {
-                let line = line.map_err(|e| Error::Io { path: self.profile.display().to_string(), source: e })?;
-                if line.trim().is_empty() {
-                    continue;
+            match std::fs::File::open(&self.profile) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(e)),
+                Ok(mut file) => {
+                    file.seek(SeekFrom::Start(offset)).map_err(io)?;
+                    for line in std::io::BufReader::new(file).lines() {
+                        let line = line.map_err(io)?;
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        let v: Value = serde_json::from_str(&line).map_err(|e| {
+                            invalid(
+                                "bench",
+                                format!("{}: not a JSON profile line ({e}): {line}", self.profile.display()),
+                            )
+                        })?;
+                        launches.push(v);
+                    }
                 }
-                let v: Value = serde_json::from_str(&line).map_err(|e| {
-                    invalid("bench", format!("{}: not a JSON profile line ({e}): {line}", self.profile.display()))
-                })?;
-                launches.push(v);
             }
             if launches.is_empty() {
                 return Err(invalid(
                     "bench",
                     format!(
-                        "the simulator wrote no profile lines to {} for the measured call (LOWBIT_SIM_PROFILE)",
+                        "the simulator wrote no profile lines to {} for the measured call ({issued} launches issued)",
                         self.profile.display()
                     ),
                 ));
             }
-            return Ok(Outcome::Simulated { launches });
+            return Ok(Outcome::Simulated { launches, issued });
         }
         let ctx = dev.context();
         let ev = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda("cuEventCreate"));
@@ -296,7 +300,11 @@ impl Bench {
                     launches
                 )
             }
-            Outcome::Simulated { launches } => sim_record(&mut rec, &launches, roofline, weight_bytes, &text_head),
+            Outcome::Simulated { launches, issued } => {
+                // lowbit's own count: it differs from the profile's only if the simulator missed a launch.
+                rec.insert("kernel_launches_issued".into(), json!(issued));
+                sim_record(&mut rec, &launches, roofline, weight_bytes, &text_head)
+            }
         };
         if self.json {
             println!("{}", Value::Object(rec));
