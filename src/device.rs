@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -108,6 +109,8 @@ pub struct Device {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Loaded functions and the dynamic shared-memory limit set on each.
     functions: Mutex<FunctionCache>,
+    /// Kernels launched through this device so far.
+    launches: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
@@ -141,7 +144,14 @@ impl Device {
             max_shared_optin: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
             total_memory: ctx.total_mem().map_err(Error::cuda("cuDeviceTotalMem"))?,
         };
-        Ok(Device { ctx, stream, info, modules: Mutex::default(), functions: Mutex::default() })
+        Ok(Device {
+            ctx,
+            stream,
+            info,
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+            launches: AtomicU64::new(0),
+        })
     }
 
     /// Opens the first GPU if one is usable: `Err` says why not (no driver, no device, ...).
@@ -157,6 +167,12 @@ impl Device {
     }
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// How many kernels lowbit has launched through this device (every lowbit kernel launch
+    /// goes through it): the difference across a call is that call's launch count.
+    pub fn launch_count(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
     }
 
     /// Waits for all work lowbit queued on its stream.
@@ -252,6 +268,7 @@ impl Device {
     pub(crate) unsafe fn launch<P: DeviceRepr>(&self, f: &CudaFunction, cfg: LaunchConfig, params: P) -> Result<()> {
         let mut b = self.stream.launch_builder(f);
         b.arg(&params);
+        self.launches.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded to the caller's contract above.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(Error::cuda("cuLaunchKernel"))
     }

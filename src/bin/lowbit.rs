@@ -1,7 +1,9 @@
-//! `lowbit`: quantize, repack, restore and inspect checkpoints.
+//! `lowbit`: quantize, repack, restore and inspect checkpoints; `lowbit bench` (see `bench/`).
 //!
 //! A thin layer over [`lowbit::checkpoint`]; see `docs/checkpoints.md`. Exit codes: 0 on success,
 //! 1 on any error (the message names the file, the tensor and the problem), 2 on bad usage.
+
+mod bench;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -69,6 +71,8 @@ enum Cmd {
         /// Checkpoint directory or file.
         input: PathBuf,
     },
+    /// Time (GPU) or count and predict (lowbit-sim) one kernel operation; exit 2 without a device.
+    Bench(bench::BenchArgs),
 }
 
 fn parse_group(s: &str) -> Result<i64, String> {
@@ -190,6 +194,7 @@ fn fmt_opt(v: Option<f64>) -> String {
 
 fn run(cli: Cli) -> lowbit::Result<()> {
     match cli.cmd {
+        Cmd::Bench(args) => bench::run(args)?,
         Cmd::Quantize { group_size, ignore, no_default_ignore, device, input, output } => {
             let opts = QuantizeOptions {
                 group_size: if group_size == 0 {
