@@ -308,6 +308,7 @@ fn fast16_sum(f: Fmt, x: f64, y: f64, r: Rnd) -> Option<u64> {
     fast_rn16(f, s)
 }
 
+#[inline]
 fn g_add(f: Fmt, a: f64, b: f64, r: Rnd) -> u64 {
     if a.is_nan() || b.is_nan() {
         return f.nan;
@@ -325,6 +326,7 @@ fn g_add(f: Fmt, a: f64, b: f64, r: Rnd) -> u64 {
     add_fin(f, dec(a), dec(b), r)
 }
 
+#[inline]
 fn g_mul(f: Fmt, a: f64, b: f64, r: Rnd) -> u64 {
     if a.is_nan() || b.is_nan() {
         return f.nan;
@@ -345,6 +347,7 @@ fn g_mul(f: Fmt, a: f64, b: f64, r: Rnd) -> u64 {
     round_bits(f, exact_wide(prod(dec(a), dec(b))), r, false)
 }
 
+#[inline]
 fn g_fma(f: Fmt, a: f64, b: f64, c: f64, r: Rnd) -> u64 {
     if a.is_nan() || b.is_nan() || c.is_nan() {
         return f.nan;

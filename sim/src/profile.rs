@@ -42,7 +42,15 @@ pub const CLASS_NAMES: [&str; 9] = ["int", "fp32", "half2", "convert", "mma", "g
 
 impl Profile {
     /// The JSON line for a launch.
-    pub fn to_json(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], dynamic_smem: u32, wall_ms: f64) -> String {
+    pub fn to_json(
+        &self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        dynamic_smem: u32,
+        wall_ms: f64,
+        cpu_ms: f64,
+    ) -> String {
         let mut s = String::with_capacity(512);
         let _ = write!(
             s,
@@ -64,7 +72,7 @@ impl Profile {
         }
         let _ = write!(
             s,
-            "}},\"global_load_bytes\":{},\"global_store_bytes\":{},\"global_load_sectors\":{},\"global_store_sectors\":{},\"global_unique_bytes_read\":{},\"shared_wavefronts\":{},\"shared_requests\":{},\"wall_ms\":{:.3}}}",
+            "}},\"global_load_bytes\":{},\"global_store_bytes\":{},\"global_load_sectors\":{},\"global_store_sectors\":{},\"global_unique_bytes_read\":{},\"shared_wavefronts\":{},\"shared_requests\":{},\"wall_ms\":{:.3},\"cpu_ms\":{:.3}}}",
             self.global_load_bytes,
             self.global_store_bytes,
             self.global_load_sectors,
@@ -72,7 +80,8 @@ impl Profile {
             self.global_unique_bytes_read,
             self.shared_wavefronts,
             self.shared_requests,
-            wall_ms
+            wall_ms,
+            cpu_ms
         );
         s
     }
@@ -80,16 +89,26 @@ impl Profile {
 
 /// Distinct 32-byte sectors touched by a warp request (`(addr, len)` per lane).
 pub fn sectors(accesses: &[(u64, u32)]) -> u64 {
-    let mut ids: Vec<u64> = Vec::with_capacity(accesses.len() * 2);
-    for &(a, n) in accesses {
-        let (first, last) = (a / 32, (a + n.max(1) as u64 - 1) / 32);
+    let mut ids = [0u64; 96];
+    let mut n = 0;
+    for &(a, len) in accesses {
+        let (first, last) = (a / 32, (a + len.max(1) as u64 - 1) / 32);
         for s in first..=last {
-            ids.push(s);
+            if n < ids.len() {
+                ids[n] = s;
+                n += 1;
+            }
         }
     }
+    let ids = &mut ids[..n];
     ids.sort_unstable();
-    ids.dedup();
-    ids.len() as u64
+    let mut distinct = 0;
+    for i in 0..ids.len() {
+        if i == 0 || ids[i] != ids[i - 1] {
+            distinct += 1;
+        }
+    }
+    distinct
 }
 
 /// Shared-memory wavefronts of one request: `phases` lists, per phase, the `(addr, len)` of each
@@ -100,19 +119,23 @@ pub fn wavefronts(phases: &[&[(u32, u32)]]) -> u64 {
         if ph.is_empty() {
             continue;
         }
-        let mut words: Vec<u32> = Vec::with_capacity(ph.len() * 4);
-        for &(a, n) in ph.iter() {
+        let mut words = [0u32; 160];
+        let mut n = 0;
+        for &(a, len) in ph.iter() {
             let mut w = a / 4;
-            while w * 4 < a + n.max(1) {
-                words.push(w);
+            while w * 4 < a + len.max(1) && n < words.len() {
+                words[n] = w;
+                n += 1;
                 w += 1;
             }
         }
+        let words = &mut words[..n];
         words.sort_unstable();
-        words.dedup();
         let mut per_bank = [0u32; 32];
-        for w in words {
-            per_bank[(w % 32) as usize] += 1;
+        for (i, &w) in words.iter().enumerate() {
+            if i == 0 || words[i - 1] != w {
+                per_bank[(w % 32) as usize] += 1;
+            }
         }
         total += per_bank.iter().copied().max().unwrap_or(0).max(1) as u64;
     }
@@ -150,7 +173,7 @@ mod tests {
 
     #[test]
     fn json_has_the_keys() {
-        let j = Profile::default().to_json("k", [1, 2, 3], [32, 1, 1], 0, 1.0);
+        let j = Profile::default().to_json("k", [1, 2, 3], [32, 1, 1], 0, 1.0, 1.0);
         for key in [
             "kernel",
             "grid",

@@ -89,7 +89,13 @@ impl Launch<'_> {
         }
         a.read_bytes(off, out);
         if self.profiling {
-            let bits = self.unique.entry(a.serial).or_insert_with(|| vec![0; a.size.div_ceil(64)]);
+            if self.unique.len() <= i {
+                self.unique.resize_with(i + 1, Vec::new);
+            }
+            let bits = &mut self.unique[i];
+            if bits.is_empty() {
+                *bits = vec![0; a.size.div_ceil(64)];
+            }
             for b in off..off + out.len() {
                 bits[b / 64] |= 1 << (b % 64);
             }
@@ -164,37 +170,44 @@ impl Cta {
     ) -> Result<(), MemErr> {
         let o = self.shared_bounds(l, off, out.len(), align)?;
         if l.check {
-            let me = self.stamp(tid);
-            for b in o..o + out.len() {
-                if self.pending[b] != 0 {
-                    return Err(merr(
-                        cuda::LAUNCH_FAILED,
-                        "cp.async destination read before cp.async.wait_group",
-                        format!(
-                            "shared byte {b:#x} is the destination of a cp.async that no wait_group has covered yet"
-                        ),
-                    ));
+            let n = out.len();
+            if let Some(i) = self.pending[o..o + n].iter().position(|&p| p != 0) {
+                return Err(merr(
+                    cuda::LAUNCH_FAILED,
+                    "cp.async destination read before cp.async.wait_group",
+                    format!(
+                        "shared byte {:#x} is the destination of a cp.async that no wait_group has covered yet",
+                        o + i
+                    ),
+                ));
+            }
+            let (ep, me, mywarp) = (self.epoch, self.stamp(tid), tid / 32);
+            for (i, (&w, r)) in self.wstamp[o..o + n].iter().zip(self.rstamp[o..o + n].iter_mut()).enumerate() {
+                if w >> 16 == ep {
+                    let wt = (w & 0xFFFF) as u32;
+                    if wt != 0 && (wt - 1) / 32 != mywarp {
+                        return Err(merr(
+                            cuda::LAUNCH_FAILED,
+                            "shared-memory data race (read after write)",
+                            format!(
+                                "thread {tid} reads shared byte {:#x}, which thread {} (another warp) wrote with no barrier in between",
+                                o + i,
+                                wt - 1
+                            ),
+                        ));
+                    }
                 }
-                let w = self.wstamp[b];
-                if w >> 16 == self.epoch && (w & 0xFFFF) as u32 != 0 && ((w & 0xFFFF) as u32 - 1) / 32 != tid / 32 {
-                    let other = (w & 0xFFFF) as u32 - 1;
-                    return Err(merr(
-                        cuda::LAUNCH_FAILED,
-                        "shared-memory data race (read after write)",
-                        format!(
-                            "thread {tid} reads shared byte {b:#x}, which thread {other} (another warp) wrote with no barrier in between"
-                        ),
-                    ));
-                }
-                let r = self.rstamp[b];
-                self.rstamp[b] =
-                    if r >> 16 == self.epoch && (r & 0xFFFF) != 0 && ((r & 0xFFFF) as u32 - 1) / 32 != tid / 32 {
-                        self.epoch << 16 | 0xFFFF
-                    } else if r >> 16 == self.epoch && r & 0xFFFF == 0xFFFF {
-                        r
-                    } else {
-                        me
-                    };
+                let rr = *r;
+                let rt = (rr & 0xFFFF) as u32;
+                *r = if rr >> 16 != ep || rt == 0 {
+                    me
+                } else if rt == 0xFFFF {
+                    rr
+                } else if (rt - 1) / 32 != mywarp {
+                    ep << 16 | 0xFFFF
+                } else {
+                    me
+                };
             }
         }
         out.copy_from_slice(&self.smem[o..o + out.len()]);
@@ -281,29 +294,28 @@ impl Cta {
     /// Completes the pending `cp.async` of `lanes` in warp `wi` whose group is older than the
     /// `keep` most recent committed groups (`keep == u32::MAX`: all, committed or not).
     pub(crate) fn complete_cp(&mut self, l: &Launch<'_>, wi: usize, lanes: u32, keep: u32) {
-        let w = &mut self.warps[wi];
+        let Cta { warps, smem, wstamp, pending, epoch, .. } = self;
+        let w = &mut warps[wi];
         let committed = w.cp_committed;
-        let mut done = Vec::new();
+        let check = l.check;
+        let ep = *epoch;
         w.cp.retain(|c| {
             let lane = c.lane as usize;
             let finish = lanes >> lane & 1 != 0
                 && (keep == u32::MAX || (c.group != u32::MAX && c.group + keep < committed[lane]));
             if finish {
-                done.push(*c);
+                let o = c.dst as usize;
+                let len = c.len as usize;
+                smem[o..o + len].copy_from_slice(&c.data[..len]);
+                if check {
+                    let me = ep << 16 | (wi as u64 * 32 + lane as u64 + 1);
+                    for b in o..o + len {
+                        pending[b] = pending[b].saturating_sub(1);
+                        wstamp[b] = me;
+                    }
+                }
             }
             !finish
         });
-        for c in done {
-            let o = c.dst as usize;
-            let len = c.len as usize;
-            self.smem[o..o + len].copy_from_slice(&c.data[..len]);
-            if l.check {
-                let me = self.stamp(wi as u32 * 32 + c.lane as u32);
-                for b in o..o + len {
-                    self.pending[b] = self.pending[b].saturating_sub(1);
-                    self.wstamp[b] = me;
-                }
-            }
-        }
     }
 }

@@ -19,7 +19,6 @@ mod cta;
 mod memory;
 mod ops;
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
@@ -55,8 +54,8 @@ pub(crate) struct Launch<'a> {
     pub check: bool,
     pub profiling: bool,
     pub prof: Profile,
-    /// Distinct global bytes read (profiling only): allocation serial → bitmap.
-    pub unique: HashMap<u64, Vec<u64>>,
+    /// Distinct global bytes read (profiling only): a bitmap per allocation (index in `view`).
+    pub unique: Vec<Vec<u64>>,
     pub smem_size: usize,
     pub nthreads: u32,
     /// Index in `view.live` of the allocation the last global access hit.
@@ -68,6 +67,27 @@ pub(crate) struct Launch<'a> {
     pub start: Instant,
     /// `LOWBIT_SIM_TRACE`: (kernel name substring, block, warp).
     pub trace: Option<(String, u64, usize)>,
+}
+
+/// CPU time of the calling thread in milliseconds (`CLOCK_THREAD_CPUTIME_ID`): launch speed on
+/// one core, independent of what else the machine runs.
+pub fn thread_cpu_ms() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clk: i32, tp: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut t = Timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer; Linux x86-64 ABI.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if rc != 0 {
+        return 0.0;
+    }
+    t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
 }
 
 static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -103,6 +123,7 @@ pub fn launch(
     sim: &SimConfig,
 ) -> Result<LaunchStats> {
     let start = Instant::now();
+    let cpu0 = thread_cpu_ms();
     if let Some(u) = &kernel.unsupported {
         return Err(SimError::new(cuda::ILLEGAL_INSTRUCTION, format!("kernel {}: {u}", kernel.name)));
     }
@@ -138,7 +159,7 @@ pub fn launch(
         check: sim.check,
         profiling: sim.profile.is_some(),
         prof: Profile::default(),
-        unique: HashMap::new(),
+        unique: Vec::new(),
         smem_size,
         nthreads: threads as u32,
         last_alloc: 0,
@@ -167,8 +188,14 @@ pub fn launch(
     let mut live: Vec<Cta> = Vec::new();
     let mut pool: Vec<Cta> = Vec::new();
     let mut stalled = 0u64;
+    // Blocks start one at a time; another starts (up to the device's residency) only when the
+    // live ones have run a full slice without finishing. Blocks that finish within a slice (the
+    // common case) thus run one after another in pooled buffers, while a block that waits on a
+    // later block's flag gets that block started next to it, as on a GPU.
+    let mut grow = true;
     let result = loop {
-        while live.len() < resident && next < total {
+        while (live.is_empty() || grow) && live.len() < resident && next < total {
+            grow = false;
             let id = order.as_ref().map_or(next, |o| o[next as usize]);
             next += 1;
             let c = match pool.pop() {
@@ -204,6 +231,7 @@ pub fn launch(
         if let Some(e) = err {
             break Err(e);
         }
+        grow = !live.is_empty();
         if any_done || l.progress != before {
             stalled = 0;
         } else {
@@ -227,11 +255,18 @@ pub fn launch(
     };
     if l.profiling {
         l.prof.global_unique_bytes_read =
-            l.unique.values().map(|b| b.iter().map(|w| w.count_ones() as u64).sum::<u64>()).sum();
+            l.unique.iter().map(|b| b.iter().map(|w| w.count_ones() as u64).sum::<u64>()).sum();
     }
     let wall = start.elapsed();
     if let Some(path) = &sim.profile {
-        let line = l.prof.to_json(&kernel.name, cfg.grid, cfg.block, cfg.dynamic_smem, wall.as_secs_f64() * 1e3);
+        let line = l.prof.to_json(
+            &kernel.name,
+            cfg.grid,
+            cfg.block,
+            cfg.dynamic_smem,
+            wall.as_secs_f64() * 1e3,
+            thread_cpu_ms() - cpu0,
+        );
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
             let _ = writeln!(f, "{line}");
         }

@@ -627,10 +627,18 @@ fn elem_bytes(t: Ty) -> usize {
     }
 }
 
+#[inline(always)]
 fn ld_value(t: Ty, bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b[..bytes.len()].copy_from_slice(bytes);
-    let v = u64::from_le_bytes(b);
+    let v = match bytes.len() {
+        4 => u32::from_le_bytes(bytes.try_into().unwrap()) as u64,
+        8 => u64::from_le_bytes(bytes.try_into().unwrap()),
+        2 => u16::from_le_bytes(bytes.try_into().unwrap()) as u64,
+        _ => {
+            let mut b = [0u8; 8];
+            b[..bytes.len()].copy_from_slice(bytes);
+            u64::from_le_bytes(b)
+        }
+    };
     match t {
         Ty::Int(i) if i.signed => sext(v, i.bits as u32) as u64,
         _ => v,
@@ -1259,8 +1267,8 @@ impl Cta {
         let es = elem_bytes(t);
         let total = es * n as usize;
         let mut vals = [[0u64; 32]; 4];
-        let mut acc: Vec<(u64, u32)> = Vec::new();
-        let mut sacc: Vec<(u32, u32)> = Vec::new();
+        let mut acc = Acc::default();
+        let mut sacc = SAcc::default();
         let mut is_global = false;
         let mut is_shared = false;
         for lane in 0..32usize {
@@ -1306,12 +1314,12 @@ impl Cta {
         }
         if l.profiling {
             if is_global {
-                l.prof.global_load_bytes += acc.iter().map(|x| x.1 as u64).sum::<u64>();
-                l.prof.global_load_sectors += crate::profile::sectors(&acc);
+                l.prof.global_load_bytes += acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
+                l.prof.global_load_sectors += crate::profile::sectors(acc.get());
             }
             if is_shared {
                 l.prof.shared_requests += 1;
-                l.prof.shared_wavefronts += shared_wavefronts(&sacc, total);
+                l.prof.shared_wavefronts += shared_wavefronts(sacc.get(), total);
             }
         }
         Ok(())
@@ -1332,8 +1340,8 @@ impl Cta {
     ) -> Result<()> {
         let es = elem_bytes(t);
         let total = es * n as usize;
-        let mut acc: Vec<(u64, u32)> = Vec::new();
-        let mut sacc: Vec<(u32, u32)> = Vec::new();
+        let mut acc = Acc::default();
+        let mut sacc = SAcc::default();
         let (mut is_global, mut is_shared) = (false, false);
         for lane in 0..32usize {
             if em >> lane & 1 == 0 {
@@ -1378,12 +1386,12 @@ impl Cta {
         }
         if l.profiling {
             if is_global {
-                l.prof.global_store_bytes += acc.iter().map(|x| x.1 as u64).sum::<u64>();
-                l.prof.global_store_sectors += crate::profile::sectors(&acc);
+                l.prof.global_store_bytes += acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
+                l.prof.global_store_sectors += crate::profile::sectors(acc.get());
             }
             if is_shared {
                 l.prof.shared_requests += 1;
-                l.prof.shared_wavefronts += shared_wavefronts(&sacc, total);
+                l.prof.shared_wavefronts += shared_wavefronts(sacc.get(), total);
             }
         }
         Ok(())
@@ -1406,7 +1414,7 @@ impl Cta {
     ) -> Result<()> {
         let es = elem_bytes(t);
         let mut out = [0u64; 32];
-        let mut acc: Vec<(u64, u32)> = Vec::new();
+        let mut acc = Acc::default();
         for lane in 0..32usize {
             if em >> lane & 1 == 0 {
                 continue;
@@ -1459,9 +1467,9 @@ impl Cta {
         if let Some(d) = d {
             put(&mut self.warps[wi].regs, em, d, &out);
         }
-        if l.profiling && !acc.is_empty() {
-            let bytes = acc.iter().map(|x| x.1 as u64).sum::<u64>();
-            let sec = crate::profile::sectors(&acc);
+        if l.profiling && acc.n > 0 {
+            let bytes = acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
+            let sec = crate::profile::sectors(acc.get());
             l.prof.global_load_bytes += bytes;
             l.prof.global_store_bytes += bytes;
             l.prof.global_load_sectors += sec;
@@ -1483,7 +1491,7 @@ impl Cta {
         src_size: Option<R>,
         ignore: Option<(R, bool)>,
     ) -> Result<()> {
-        let mut acc: Vec<(u64, u32)> = Vec::new();
+        let mut acc = Acc::default();
         for lane in 0..32usize {
             if em >> lane & 1 == 0 {
                 continue;
@@ -1523,9 +1531,9 @@ impl Cta {
             }
             self.warps[wi].cp.push(CpOp { lane: lane as u8, group: u32::MAX, dst: d, len: cp_size, data, pc });
         }
-        if l.profiling && !acc.is_empty() {
-            l.prof.global_load_bytes += acc.iter().map(|x| x.1 as u64).sum::<u64>();
-            l.prof.global_load_sectors += crate::profile::sectors(&acc);
+        if l.profiling && acc.n > 0 {
+            l.prof.global_load_bytes += acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
+            l.prof.global_load_sectors += crate::profile::sectors(acc.get());
         }
         Ok(())
     }
@@ -1608,6 +1616,50 @@ impl Cta {
             }
         }
         Ok(())
+    }
+}
+
+/// Per-lane accesses of one warp request, for the profile (no allocation).
+struct Acc {
+    v: [(u64, u32); 32],
+    n: usize,
+}
+impl Default for Acc {
+    fn default() -> Self {
+        Acc { v: [(0, 0); 32], n: 0 }
+    }
+}
+impl Acc {
+    #[inline]
+    fn push(&mut self, x: (u64, u32)) {
+        if self.n < 32 {
+            self.v[self.n] = x;
+            self.n += 1;
+        }
+    }
+    fn get(&self) -> &[(u64, u32)] {
+        &self.v[..self.n]
+    }
+}
+struct SAcc {
+    v: [(u32, u32); 32],
+    n: usize,
+}
+impl Default for SAcc {
+    fn default() -> Self {
+        SAcc { v: [(0, 0); 32], n: 0 }
+    }
+}
+impl SAcc {
+    #[inline]
+    fn push(&mut self, x: (u32, u32)) {
+        if self.n < 32 {
+            self.v[self.n] = x;
+            self.n += 1;
+        }
+    }
+    fn get(&self) -> &[(u32, u32)] {
+        &self.v[..self.n]
     }
 }
 
@@ -1743,11 +1795,7 @@ fn mma(regs: &mut [u64], k: u8, ab: MmaTy, cd: MmaTy, ds: [R; 4], a: [R; 4], b: 
         }
     }
     let mut dm = [[0f32; 8]; 16];
-    for i in 0..16 {
-        for j in 0..8 {
-            dm[i][j] = dot(&am[i][..k], &(0..k).map(|x| bm[x][j]).collect::<Vec<_>>(), cm[i][j]);
-        }
-    }
+    mma_product(&am, &bm, &cm, k, &mut dm);
     for lane in 0..32 {
         let (g, t) = (lane / 4, lane % 4);
         if cd == MmaTy::F32 {
@@ -1764,23 +1812,54 @@ fn mma(regs: &mut [u64], k: u8, ab: MmaTy, cd: MmaTy, ds: [R; 4], a: [R; 4], b: 
     }
 }
 
-/// `Σ a·b + c` rounded once to f32: an exact f64 sum when the error-free transformation shows
-/// no rounding happened (the common case), else the exact routine of [`fp::dot_f32_acc`].
-fn dot(a: &[f32], b: &[f32], c: f32) -> f32 {
-    let mut s = c as f64;
-    let mut err = 0.0f64;
-    let mut special = !c.is_finite();
-    for (&x, &y) in a.iter().zip(b) {
-        let p = x as f64 * y as f64; // exact: 24+24 bits
-        special |= !p.is_finite();
-        let t = s + p;
-        let bp = t - s;
-        err += (s - (t - bp)) + (p - bp);
-        s = t;
-    }
-    if !special && err == 0.0 && s != 0.0 {
-        s as f32
-    } else {
-        fp::dot_f32_acc(a, b, c)
+/// `D = A·B + C` for one m16n8k`k` tile, each element the exact sum rounded once to f32.
+///
+/// The 8 columns of a row are summed in f64 side by side (independent chains the compiler can
+/// vectorise); products of 16-bit floats are exact in f64, and TwoSum (Knuth) tells exactly
+/// whether any addition rounded. Elements where one did — or with non-finite terms, a zero or a
+/// subnormal result — take the exact routine [`fp::dot_f32_acc`].
+fn mma_product(am: &[[f32; 16]; 16], bm: &[[f32; 8]; 16], cm: &[[f32; 8]; 16], k: usize, dm: &mut [[f32; 8]; 16]) {
+    let finite = am.iter().flatten().chain(bm.iter().flatten()).chain(cm.iter().flatten()).all(|v| v.is_finite());
+    for i in 0..16 {
+        let mut s = [0f64; 8];
+        let mut err = [0f64; 8];
+        for j in 0..8 {
+            s[j] = cm[i][j] as f64;
+        }
+        for kk in 0..k {
+            let x = am[i][kk] as f64;
+            let row = &bm[kk];
+            for j in 0..8 {
+                let p = x * row[j] as f64;
+                let t = s[j] + p;
+                let bp = t - s[j];
+                err[j] = err[j].max(((s[j] - (t - bp)) + (p - bp)).abs());
+                s[j] = t;
+            }
+        }
+        for j in 0..8 {
+            let r = s[j] as f32;
+            dm[i][j] = if finite && err[j] == 0.0 && r != 0.0 && r.is_finite() && r.abs() >= f32::MIN_POSITIVE {
+                r
+            } else if finite && err[j] == 0.0 && s[j] == 0.0 {
+                // An exact zero: -0 only when every term is -0 (IEEE 754 §6.3).
+                let c = cm[i][j];
+                let all_neg = c == 0.0
+                    && c.is_sign_negative()
+                    && (0..k).all(|x| {
+                        let p = am[i][x] as f64 * bm[x][j] as f64;
+                        p == 0.0 && p.is_sign_negative()
+                    });
+                if all_neg {
+                    -0.0
+                } else {
+                    0.0
+                }
+            } else {
+                let a: Vec<f32> = am[i][..k].to_vec();
+                let b: Vec<f32> = (0..k).map(|x| bm[x][j]).collect();
+                fp::dot_f32_acc(&a, &b, cm[i][j])
+            };
+        }
     }
 }

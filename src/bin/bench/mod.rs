@@ -378,6 +378,8 @@ fn sim_record(
             "global_unique_bytes_read",
             "shared_wavefronts",
             "shared_requests",
+            "wall_ms",
+            "cpu_ms",
         ] {
             if let Some(v) = l.get(k) {
                 o.insert(k.into(), v.clone());
