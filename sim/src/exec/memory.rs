@@ -181,33 +181,42 @@ impl Cta {
                     ),
                 ));
             }
-            let (ep, me, mywarp) = (self.epoch, self.stamp(tid), tid / 32);
-            for (i, (&w, r)) in self.wstamp[o..o + n].iter().zip(self.rstamp[o..o + n].iter_mut()).enumerate() {
-                if w >> 16 == ep {
-                    let wt = (w & 0xFFFF) as u32;
-                    if wt != 0 && (wt - 1) / 32 != mywarp {
-                        return Err(merr(
-                            cuda::LAUNCH_FAILED,
-                            "shared-memory data race (read after write)",
-                            format!(
-                                "thread {tid} reads shared byte {:#x}, which thread {} (another warp) wrote with no barrier in between",
-                                o + i,
-                                wt - 1
-                            ),
-                        ));
-                    }
-                }
+            let (ep, me, mywarp) = (self.epoch, self.stamp(tid), (tid / 32) as u64);
+            let multi = ep << 16 | 0xFFFF;
+            // Branch-free over the bytes (the compiler vectorises it); the report is built only
+            // when a conflict was seen.
+            let mut bad = false;
+            for (&w, r) in self.wstamp[o..o + n].iter().zip(self.rstamp[o..o + n].iter_mut()) {
+                let wt = w & 0xFFFF;
+                bad |= (w >> 16 == ep) & (wt != 0) & (wt.wrapping_sub(1) >> 5 != mywarp);
                 let rr = *r;
-                let rt = (rr & 0xFFFF) as u32;
-                *r = if rr >> 16 != ep || rt == 0 {
+                let rt = rr & 0xFFFF;
+                let live = (rr >> 16 == ep) & (rt != 0);
+                let other = rt.wrapping_sub(1) >> 5 != mywarp;
+                *r = if !live {
                     me
                 } else if rt == 0xFFFF {
                     rr
-                } else if (rt - 1) / 32 != mywarp {
-                    ep << 16 | 0xFFFF
+                } else if other {
+                    multi
                 } else {
                     me
                 };
+            }
+            if bad {
+                let i = self.wstamp[o..o + n]
+                    .iter()
+                    .position(|&w| w >> 16 == ep && w & 0xFFFF != 0 && ((w & 0xFFFF) - 1) >> 5 != mywarp)
+                    .unwrap_or(0);
+                let wt = (self.wstamp[o + i] & 0xFFFF) - 1;
+                return Err(merr(
+                    cuda::LAUNCH_FAILED,
+                    "shared-memory data race (read after write)",
+                    format!(
+                        "thread {tid} reads shared byte {:#x}, which thread {wt} (another warp) wrote with no barrier in between",
+                        o + i
+                    ),
+                ));
             }
         }
         out.copy_from_slice(&self.smem[o..o + out.len()]);
@@ -233,45 +242,57 @@ impl Cta {
     }
 
     fn check_write(&mut self, tid: u32, o: usize, len: usize) -> Result<(), MemErr> {
-        let me = self.stamp(tid);
+        let (ep, me, mywarp) = (self.epoch, self.stamp(tid), (tid / 32) as u64);
+        let mut bad = self.pending[o..o + len].iter().any(|&p| p != 0);
+        for (&w, &r) in self.wstamp[o..o + len].iter().zip(&self.rstamp[o..o + len]) {
+            let (wt, rt) = (w & 0xFFFF, r & 0xFFFF);
+            bad |= (w >> 16 == ep) & (wt != 0) & (wt.wrapping_sub(1) >> 5 != mywarp);
+            bad |= (r >> 16 == ep) & (rt != 0) & ((rt == 0xFFFF) | (rt.wrapping_sub(1) >> 5 != mywarp));
+        }
+        if bad {
+            return Err(self.write_conflict(tid, o, len));
+        }
+        self.wstamp[o..o + len].fill(me);
+        Ok(())
+    }
+
+    /// The report for a conflicting shared write (the slow path of `check_write`).
+    fn write_conflict(&self, tid: u32, o: usize, len: usize) -> MemErr {
+        let (ep, mywarp) = (self.epoch, (tid / 32) as u64);
         for b in o..o + len {
             if self.pending[b] != 0 {
-                return Err(merr(
+                return merr(
                     cuda::LAUNCH_FAILED,
                     "shared-memory data race with a pending cp.async",
                     format!("thread {tid} writes shared byte {b:#x}, the destination of a cp.async not yet waited for"),
-                ));
+                );
             }
             let w = self.wstamp[b];
-            if w >> 16 == self.epoch && w & 0xFFFF != 0 && ((w & 0xFFFF) as u32 - 1) / 32 != tid / 32 {
-                return Err(merr(
+            if w >> 16 == ep && w & 0xFFFF != 0 && ((w & 0xFFFF) - 1) >> 5 != mywarp {
+                return merr(
                     cuda::LAUNCH_FAILED,
                     "shared-memory data race (write after write)",
                     format!(
                         "thread {tid} writes shared byte {b:#x}, which thread {} (another warp) wrote with no barrier in between",
                         (w & 0xFFFF) - 1
                     ),
-                ));
+                );
             }
             let r = self.rstamp[b];
-            if r >> 16 == self.epoch
-                && r & 0xFFFF != 0
-                && (r & 0xFFFF == 0xFFFF || ((r & 0xFFFF) as u32 - 1) / 32 != tid / 32)
-            {
+            if r >> 16 == ep && r & 0xFFFF != 0 && (r & 0xFFFF == 0xFFFF || ((r & 0xFFFF) - 1) >> 5 != mywarp) {
                 let who = if r & 0xFFFF == 0xFFFF {
                     "threads of several warps".to_string()
                 } else {
                     format!("thread {}", (r & 0xFFFF) - 1)
                 };
-                return Err(merr(
+                return merr(
                     cuda::LAUNCH_FAILED,
                     "shared-memory data race (write after read)",
                     format!("thread {tid} writes shared byte {b:#x}, which {who} read with no barrier in between"),
-                ));
+                );
             }
-            self.wstamp[b] = me;
         }
-        Ok(())
+        merr(cuda::LAUNCH_FAILED, "shared-memory data race", format!("thread {tid}, shared bytes {o:#x}+{len}"))
     }
 
     /// Shared atomics: bounds and alignment only (atomics do not race with each other).

@@ -1795,7 +1795,7 @@ fn mma(regs: &mut [u64], k: u8, ab: MmaTy, cd: MmaTy, ds: [R; 4], a: [R; 4], b: 
         }
     }
     let mut dm = [[0f32; 8]; 16];
-    mma_product(&am, &bm, &cm, k, &mut dm);
+    mma_product(&am, &bm, &cm, k, ab == MmaTy::BF16, &mut dm);
     for lane in 0..32 {
         let (g, t) = (lane / 4, lane % 4);
         if cd == MmaTy::F32 {
@@ -1812,17 +1812,94 @@ fn mma(regs: &mut [u64], k: u8, ab: MmaTy, cd: MmaTy, ds: [R; 4], a: [R; 4], b: 
     }
 }
 
+/// The sign of an exactly zero sum: -0 only when every term is -0 (IEEE 754 §6.3).
+fn zero_sum(am: &[[f32; 16]; 16], bm: &[[f32; 8]; 16], cm: &[[f32; 8]; 16], i: usize, j: usize, k: usize) -> f32 {
+    let c = cm[i][j];
+    let all_neg = c == 0.0
+        && c.is_sign_negative()
+        && (0..k).all(|x| {
+            let p = am[i][x] as f64 * bm[x][j] as f64;
+            p == 0.0 && p.is_sign_negative()
+        });
+    if all_neg {
+        -0.0
+    } else {
+        0.0
+    }
+}
+
+/// Bounds on the nonzero values: every one is below 2^(hi+1) and a multiple of 2^lo, from the
+/// exponent field and the format's `prec` fraction bits (7 for bf16, 10 for f16, 23 for f32
+/// values). A non-finite or subnormal value gives a range that fails every bound.
+fn bit_range<'a>(vals: impl Iterator<Item = &'a f32>, prec: i32) -> (i32, i32) {
+    let (mut hi, mut lo, mut odd) = (0u32, 255u32, false);
+    for v in vals {
+        let e = (v.to_bits() >> 23) & 0xFF;
+        let nz = v.to_bits() & 0x7FFF_FFFF != 0;
+        odd |= nz & ((e == 0) | (e == 255));
+        hi = hi.max(if nz { e } else { 0 });
+        lo = lo.min(if nz { e } else { 255 });
+    }
+    if odd {
+        return (i32::MAX / 2, i32::MIN / 2);
+    }
+    if hi == 0 {
+        return (i32::MIN / 2, i32::MAX / 2); // all zero
+    }
+    (hi as i32 - 127, lo as i32 - 127 - prec)
+}
+
 /// `D = A·B + C` for one m16n8k`k` tile, each element the exact sum rounded once to f32.
 ///
 /// The 8 columns of a row are summed in f64 side by side (independent chains the compiler can
 /// vectorise); products of 16-bit floats are exact in f64, and TwoSum (Knuth) tells exactly
 /// whether any addition rounded. Elements where one did — or with non-finite terms, a zero or a
 /// subnormal result — take the exact routine [`fp::dot_f32_acc`].
-fn mma_product(am: &[[f32; 16]; 16], bm: &[[f32; 8]; 16], cm: &[[f32; 8]; 16], k: usize, dm: &mut [[f32; 8]; 16]) {
-    let finite = am.iter().flatten().chain(bm.iter().flatten()).chain(cm.iter().flatten()).all(|v| v.is_finite());
+fn mma_product(
+    am: &[[f32; 16]; 16],
+    bm: &[[f32; 8]; 16],
+    cm: &[[f32; 8]; 16],
+    k: usize,
+    bf16: bool,
+    dm: &mut [[f32; 8]; 16],
+) {
+    // Fast path: if every product and partial sum is a multiple of 2^lo below 2^(hi + 6) with
+    // hi + 6 - lo <= 53, plain f64 sums are exact (no rounding can happen), so rounding each to
+    // f32 once is the exact result. The bound is taken over the whole tile from the inputs'
+    // highest and lowest set bits.
+    let prec = if bf16 { 7 } else { 10 };
+    let (amax, amin) = bit_range(am.iter().flat_map(|r| r[..k].iter()), prec);
+    let (bmax, bmin) = bit_range(bm[..k].iter().flatten(), prec);
+    let (cmax, cmin) = bit_range(cm.iter().flatten(), 23);
+    let hi = (amax + bmax + 1).max(cmax);
+    let lo = (amin + bmin).min(cmin);
+    if hi - lo + 6 <= 53 && amax > i32::MIN / 4 && bmax > i32::MIN / 4 && cmax < i32::MAX / 4 {
+        for i in 0..16 {
+            let mut s = [0f64; 8];
+            for j in 0..8 {
+                s[j] = cm[i][j] as f64;
+            }
+            for kk in 0..k {
+                let x = am[i][kk] as f64;
+                let row = &bm[kk];
+                for j in 0..8 {
+                    s[j] += x * row[j] as f64;
+                }
+            }
+            for j in 0..8 {
+                dm[i][j] = if s[j] != 0.0 { s[j] as f32 } else { zero_sum(am, bm, cm, i, j, k) };
+            }
+        }
+        return;
+    }
+
+    let finite = am.iter().flatten().fold(true, |f, v| f & v.is_finite())
+        & bm.iter().flatten().fold(true, |f, v| f & v.is_finite())
+        & cm.iter().flatten().fold(true, |f, v| f & v.is_finite());
     for i in 0..16 {
         let mut s = [0f64; 8];
-        let mut err = [0f64; 8];
+        // OR of the bits of every rounding error (sign masked): zero iff every addition was exact.
+        let mut err = [0u64; 8];
         for j in 0..8 {
             s[j] = cm[i][j] as f64;
         }
@@ -1833,28 +1910,16 @@ fn mma_product(am: &[[f32; 16]; 16], bm: &[[f32; 8]; 16], cm: &[[f32; 8]; 16], k
                 let p = x * row[j] as f64;
                 let t = s[j] + p;
                 let bp = t - s[j];
-                err[j] = err[j].max(((s[j] - (t - bp)) + (p - bp)).abs());
+                err[j] |= ((s[j] - (t - bp)) + (p - bp)).to_bits() & 0x7FFF_FFFF_FFFF_FFFF;
                 s[j] = t;
             }
         }
         for j in 0..8 {
             let r = s[j] as f32;
-            dm[i][j] = if finite && err[j] == 0.0 && r != 0.0 && r.is_finite() && r.abs() >= f32::MIN_POSITIVE {
+            dm[i][j] = if finite && err[j] == 0 && r != 0.0 && r.is_finite() && r.abs() >= f32::MIN_POSITIVE {
                 r
-            } else if finite && err[j] == 0.0 && s[j] == 0.0 {
-                // An exact zero: -0 only when every term is -0 (IEEE 754 §6.3).
-                let c = cm[i][j];
-                let all_neg = c == 0.0
-                    && c.is_sign_negative()
-                    && (0..k).all(|x| {
-                        let p = am[i][x] as f64 * bm[x][j] as f64;
-                        p == 0.0 && p.is_sign_negative()
-                    });
-                if all_neg {
-                    -0.0
-                } else {
-                    0.0
-                }
+            } else if finite && err[j] == 0 && s[j] == 0.0 {
+                zero_sum(am, bm, cm, i, j, k)
             } else {
                 let a: Vec<f32> = am[i][..k].to_vec();
                 let b: Vec<f32> = (0..k).map(|x| bm[x][j]).collect();
