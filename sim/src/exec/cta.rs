@@ -32,7 +32,6 @@ pub(crate) struct CpOp {
     pub dst: u32,
     pub len: u8,
     pub data: [u8; 16],
-    pub pc: u32,
 }
 
 pub(crate) struct Warp {
@@ -183,7 +182,7 @@ impl Cta {
                         Special::GridId => launch_id,
                         Special::LaneMaskEq => 1u64 << lane,
                         Special::LaneMaskLe => (((1u64 << (lane + 1)) - 1) as u32) as u64,
-                        Special::LaneMaskLt => ((1u64 << lane) - 1) as u64,
+                        Special::LaneMaskLt => (1u64 << lane) - 1,
                         Special::LaneMaskGe => (!((1u64 << lane) - 1) as u32) as u64,
                         Special::LaneMaskGt => (!((1u64 << (lane + 1)) - 1) as u32) as u64,
                         Special::DynamicSmemSize => l.cfg.dynamic_smem as u64,

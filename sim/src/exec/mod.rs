@@ -15,6 +15,9 @@
 //!   lengths.
 //! * A checker violation, `trap` or a hang stops the launch with a report ([`crate::check`]).
 
+// Lane loops index several parallel per-lane arrays at once.
+#![allow(clippy::needless_range_loop)]
+
 mod cta;
 mod memory;
 mod ops;
@@ -104,7 +107,7 @@ fn resident_blocks(k: &Kernel, cfg: &LaunchConfig, smem: usize, sim: &SimConfig)
     let threads = (cfg.block[0] * cfg.block[1] * cfg.block[2]).max(1);
     let warps = threads.div_ceil(32);
     let by_threads = (2048 / (warps * 32)).max(1);
-    let by_smem = if smem == 0 { 32 } else { (sim.smem_per_sm as usize / smem).max(1) as u32 };
+    let by_smem = (sim.smem_per_sm as usize).checked_div(smem).map_or(32, |b| b.max(1) as u32);
     // Registers: 64K per SM, our compacted count is a lower bound of what ptxas uses.
     let by_regs = (65536 / (k.nregs.max(32) as u32 * warps * 32)).max(1);
     let per_sm = by_threads.min(by_smem).min(by_regs).clamp(1, 32);

@@ -293,7 +293,7 @@ fn fbin(op: FOp, t: FTy, m: FMods, a: u64, b: u64) -> u64 {
                 FOp::Mul => fp::f16_mul(x, y, m.rnd, m.ftz, m.sat),
                 FOp::Min => fp::f16_min(x, y, m.ftz, m.nan),
                 FOp::Max => fp::f16_max(x, y, m.ftz, m.nan),
-                FOp::Div => fp::f32_to_f16(f32::from(fp::f16_to_f32(x)) / fp::f16_to_f32(y), Rnd::Rn, false, false),
+                FOp::Div => fp::f32_to_f16(fp::f16_to_f32(x) / fp::f16_to_f32(y), Rnd::Rn, false, false),
             }) as u64
         }
         FTy::BF16 => {
@@ -654,8 +654,6 @@ pub(crate) enum Flow {
     Next,
     /// The group parked (barrier or collective wait): return to the scheduler.
     Parked,
-    /// Control changed the group list: return to the scheduler.
-    Resched,
 }
 
 impl Cta {
@@ -747,7 +745,7 @@ impl Cta {
             }
             match self.exec(l, wi, gi, pc, mask, em, &inst.op)? {
                 Flow::Next => pc += 1,
-                Flow::Parked | Flow::Resched => return Ok(n),
+                Flow::Parked => return Ok(n),
             }
         }
         let g = &mut self.warps[wi].groups[gi];
@@ -1529,7 +1527,7 @@ impl Cta {
             if let Err(e) = self.cp_dst(l, d, cp_size as usize) {
                 return Err(mem_report(self, l, wi, lane as u32, pc, e));
             }
-            self.warps[wi].cp.push(CpOp { lane: lane as u8, group: u32::MAX, dst: d, len: cp_size, data, pc });
+            self.warps[wi].cp.push(CpOp { lane: lane as u8, group: u32::MAX, dst: d, len: cp_size, data });
         }
         if l.profiling && acc.n > 0 {
             l.prof.global_load_bytes += acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
@@ -1620,14 +1618,10 @@ impl Cta {
 }
 
 /// Per-lane accesses of one warp request, for the profile (no allocation).
+#[derive(Default)]
 struct Acc {
     v: [(u64, u32); 32],
     n: usize,
-}
-impl Default for Acc {
-    fn default() -> Self {
-        Acc { v: [(0, 0); 32], n: 0 }
-    }
 }
 impl Acc {
     #[inline]
@@ -1641,14 +1635,10 @@ impl Acc {
         &self.v[..self.n]
     }
 }
+#[derive(Default)]
 struct SAcc {
     v: [(u32, u32); 32],
     n: usize,
-}
-impl Default for SAcc {
-    fn default() -> Self {
-        SAcc { v: [(0, 0); 32], n: 0 }
-    }
 }
 impl SAcc {
     #[inline]
