@@ -270,9 +270,14 @@ impl Cta {
         if w.groups.iter().any(|g| g.park == Park::Run) {
             return true;
         }
-        // Groups waiting at the same collective: merge and retry.
+        // Groups waiting at a warp-synchronous instruction retry only once other lanes have
+        // joined them (groups at the same pc merged); otherwise the warp is blocked, and a block
+        // whose warps are all blocked is a deadlock.
+        let before = w.groups.len();
         merge_groups(&mut w.groups);
-        let live = w.live();
+        if w.groups.len() == before {
+            return false;
+        }
         let mut any = false;
         for g in w.groups.iter_mut() {
             if g.park == Park::Collective {
@@ -280,7 +285,6 @@ impl Cta {
                 any = true;
             }
         }
-        let _ = live;
         any
     }
 
@@ -463,26 +467,30 @@ impl Cta {
     }
 }
 
-/// Merges groups at the same pc and park state; keeps the list sorted by pc.
+/// Merges groups at the same pc; keeps the list sorted by pc. Groups waiting at the same barrier
+/// merge and keep waiting; any other two groups at one pc merge into a running group (lanes that
+/// waited at a warp-synchronous instruction retry it with the lanes that joined them). A group
+/// waiting at a barrier never merges with one that has not arrived there yet.
 pub(crate) fn merge_groups(gs: &mut Vec<Group>) {
     if gs.len() < 2 {
         return;
     }
-    gs.sort_by_key(|g| (g.pc, g.park == Park::Run));
+    gs.sort_by_key(|g| g.pc);
     let mut out: Vec<Group> = Vec::with_capacity(gs.len());
     for g in gs.drain(..) {
         if let Some(last) = out.last_mut() {
-            if last.pc == g.pc
-                && (last.park == g.park
-                    || (last.park != Park::Run) != (g.park != Park::Run)
-                        && !matches!(last.park, Park::Barrier(_))
-                        && !matches!(g.park, Park::Barrier(_)))
-            {
-                last.mask |= g.mask;
-                if g.park == Park::Run || last.park == Park::Run {
-                    last.park = Park::Run;
+            if last.pc == g.pc {
+                let lb = matches!(last.park, Park::Barrier(_));
+                let gb = matches!(g.park, Park::Barrier(_));
+                if lb && gb && last.park == g.park {
+                    last.mask |= g.mask;
+                    continue;
                 }
-                continue;
+                if !lb && !gb {
+                    last.mask |= g.mask;
+                    last.park = Park::Run;
+                    continue;
+                }
             }
         }
         out.push(g);

@@ -652,8 +652,11 @@ fn mem_report(c: &Cta, l: &Launch<'_>, wi: usize, lane: u32, pc: u32, e: MemErr)
 /// What the scheduler does after an instruction.
 pub(crate) enum Flow {
     Next,
-    /// The group parked (barrier or collective wait): return to the scheduler.
+    /// The group parked at a barrier (the instruction has issued): return to the scheduler.
     Parked,
+    /// The group waits for other lanes at a warp-synchronous instruction, which will issue again
+    /// once they have arrived (not counted now): return to the scheduler.
+    Retry,
 }
 
 impl Cta {
@@ -746,6 +749,12 @@ impl Cta {
             match self.exec(l, wi, gi, pc, mask, em, &inst.op)? {
                 Flow::Next => pc += 1,
                 Flow::Parked => return Ok(n),
+                Flow::Retry => {
+                    l.prof.warp_instructions -= 1;
+                    l.prof.thread_instructions -= em.count_ones() as u64;
+                    l.prof.by_class[inst.class as usize] -= 1;
+                    return Ok(n - 1);
+                }
             }
         }
         let g = &mut self.warps[wi].groups[gi];
@@ -1066,19 +1075,19 @@ impl Cta {
             }
             Op::Ldmatrix { num, trans, ds, addr } => {
                 if !self.converged(wi, gi, mask, FULL) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 self.ldmatrix(l, wi, pc, em, num, trans, ds, addr)?
             }
             Op::Stmatrix { num, trans, srcs, addr } => {
                 if !self.converged(wi, gi, mask, FULL) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 self.stmatrix(l, wi, pc, em, num, trans, srcs, addr)?
             }
             Op::Mma { k, ab, cd, ds, a, b, c } => {
                 if !self.converged(wi, gi, mask, FULL) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 if em != FULL {
                     return Err(self
@@ -1099,7 +1108,7 @@ impl Cta {
             Op::Shfl { mode, d, p, a, b, c, mask: mr } => {
                 let members = get(&self.warps[wi].regs, mr)[em.trailing_zeros().min(31) as usize] as u32;
                 if !self.converged(wi, gi, mask, members) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 let regs = regs!();
                 let (av, bv, cv) = (*get(regs, a), *get(regs, b), *get(regs, c));
@@ -1132,7 +1141,7 @@ impl Cta {
             Op::Vote { mode, d, a, neg, mask: mr } => {
                 let members = get(&self.warps[wi].regs, mr)[em.trailing_zeros().min(31) as usize] as u32;
                 if !self.converged(wi, gi, mask, members) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 let regs = regs!();
                 let av = *get(regs, a);
@@ -1153,7 +1162,7 @@ impl Cta {
             Op::Match { all, t, d, p, a, mask: mr } => {
                 let members = get(&self.warps[wi].regs, mr)[em.trailing_zeros().min(31) as usize] as u32;
                 if !self.converged(wi, gi, mask, members) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 let regs = regs!();
                 let av = *get(regs, a);
@@ -1189,7 +1198,7 @@ impl Cta {
             Op::Redux { op, t, d, a, mask: mr } => {
                 let members = get(&self.warps[wi].regs, mr)[em.trailing_zeros().min(31) as usize] as u32;
                 if !self.converged(wi, gi, mask, members) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
                 let regs = regs!();
                 let av = *get(regs, a);
@@ -1207,7 +1216,7 @@ impl Cta {
             Op::BarWarp { mask: mr } => {
                 let members = get(&self.warps[wi].regs, mr)[em.trailing_zeros().min(31) as usize] as u32;
                 if !self.converged(wi, gi, mask, members) {
-                    return Ok(Flow::Parked);
+                    return Ok(Flow::Retry);
                 }
             }
             Op::Bar { kind, id, count, p, .. } => {
