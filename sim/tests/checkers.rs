@@ -270,3 +270,69 @@ fn driver_smem_optin_and_maxntid() {
         assert_eq!(cuDevicePrimaryCtxRelease_v2(0), 0);
     }
 }
+
+/// `cp.async` completion is per thread ("cp.async.wait_group": other threads see the data only
+/// after a barrier that follows the issuing thread's wait): warp 1 reading what warp 0's
+/// cp.async wrote, after warp 0's wait but with no barrier, is reported.
+#[test]
+fn cp_async_read_by_other_warp_without_barrier() {
+    let body = |bar: bool| {
+        let mut v = vec![
+            (100, "setp.ge.u32 %p1, %r1, 32;"),
+            (101, "@!%p1 cp.async.ca.shared.global [%r4], [%rd4], 4;"),
+            (102, "cp.async.wait_all;"),
+        ];
+        if bar {
+            v.push((103, "bar.sync 0;"));
+        }
+        v.extend([
+            (104, "sub.u32 %r5, %r4, 128;"),
+            (105, "@%p1 ld.shared.u32 %r6, [%r5];"),
+            (106, "@%p1 st.global.u32 [%rd5], %r6;"),
+        ]);
+        v
+    };
+    let d = Dev::new();
+    let (a, b) = (d.zeros(256), d.zeros(256));
+    expect(go(&d, &neg("cpo", &body(false)), "cpo", 64, a, b, 0), cuda::LAUNCH_FAILED, "cpo", "ld.shared.u32", 105);
+    go(&d, &neg("cpo", &body(true)), "cpo", 64, a, b, 0).unwrap();
+}
+
+/// memcheck: a read just before an allocation (negative offset) is `CUDA_ERROR_ILLEGAL_ADDRESS`;
+/// a misaligned 16-byte shared access is `CUDA_ERROR_MISALIGNED_ADDRESS`.
+#[test]
+fn underrun_and_misaligned_shared_vector() {
+    let k = neg("under", &[(110, "ld.global.u32 %r5, [%rd4+-4];"), (111, "st.global.u32 [%rd5], %r5;")]);
+    let d = Dev::new();
+    let (a, b) = (d.zeros(128), d.zeros(128));
+    let m = expect(go(&d, &k, "under", 32, a, b, 0), cuda::ILLEGAL_ADDRESS, "under", "ld.global.u32", 110);
+    assert!(m.contains("thread (0,0,0)"), "{m}");
+    let k = neg("misv", &[(120, "ld.shared.v4.u32 {%r5, %r6, %r7, %r8}, [%r4];")]);
+    expect(go(&d, &k, "misv", 32, a, b, 0), cuda::MISALIGNED_ADDRESS, "misv", "ld.shared.v4.u32", 120);
+}
+
+/// synccheck, "bar.sync" with `.aligned` semantics ("all threads in the CTA must execute the same
+/// `bar` instruction"): the two sides of an if/else across warps each with their own
+/// `bar.sync 0`.
+#[test]
+#[ignore = "sim gap (arguable): warps meeting at different bar.sync instructions of the same barrier are accepted (Volta+ hardware also completes it; the ISA calls it illegal for .aligned)"]
+fn barrier_at_different_instructions() {
+    let bug = neg(
+        "twobar",
+        &[
+            (130, "shr.u32 %r5, %r1, 5;"),
+            (131, "setp.eq.u32 %p1, %r5, 0;"),
+            (132, "@%p1 bra $L__a;"),
+            (133, "bar.sync 0;"),
+            (134, "bra.uni $L__b;"),
+            (0, "$L__a:"),
+            (135, "bar.sync 0;"),
+            (0, "$L__b:"),
+            (136, "st.global.u32 [%rd4], %r1;"),
+        ],
+    );
+    let d = Dev::new();
+    let p = d.zeros(256);
+    let e = go(&d, &bug, "twobar", 64, p, p, 0).unwrap_err();
+    assert_eq!(e.code, cuda::LAUNCH_FAILED, "{}", e.message);
+}

@@ -504,10 +504,10 @@ fn f32_setp_ordered_unordered() {
         ("ge", |x, y| x >= y),
         ("equ", |x, y| x.is_nan() || y.is_nan() || x == y),
         ("neu", |x, y| x != y),
-        ("ltu", |x, y| !(x >= y)),
-        ("leu", |x, y| !(x > y)),
-        ("gtu", |x, y| !(x <= y)),
-        ("geu", |x, y| !(x < y)),
+        ("ltu", |x, y| x.is_nan() || y.is_nan() || x < y),
+        ("leu", |x, y| x.is_nan() || y.is_nan() || x <= y),
+        ("gtu", |x, y| x.is_nan() || y.is_nan() || x > y),
+        ("geu", |x, y| x.is_nan() || y.is_nan() || x >= y),
         ("num", |x, y| !x.is_nan() && !y.is_nan()),
         ("nan", |x, y| x.is_nan() || y.is_nan()),
     ];
@@ -602,4 +602,86 @@ fn f32_sqrt_rcp_and_f64_arith() {
         // copysign.f32 d, a, b: d = b with the sign of a.
         assert_eq!(cs[i], 0x4000_0000 | (a[i] & 0x8000_0000), "copysign {:#x}", a[i]);
     }
+}
+
+/// Half-precision modifiers and min/max: "Half Precision Floating Point Instructions: fma"
+/// (`.relu` clamps negative results to +0, `.sat` to [0, 1]), "min/max" on `.f16x2`/`.bf16x2`
+/// (a NaN operand yields the other, `.NaN` propagates a NaN, −0 < +0), and "cvt" with `.relu`
+/// (negative → +0, NaN → NaN) and `.satfinite` (out-of-range → ±MAX_NORM, NaN → NaN).
+#[test]
+fn half_modifiers_and_minmax() {
+    // f16 bits: 1.0 = 0x3C00, -1.0 = 0xBC00, 2.0 = 0x4000, 0.5 = 0x3800, NaN = 0x7E00, -0 = 0x8000.
+    let pack = |lo: u32, hi: u32| lo | hi << 16;
+    // fma(a, b, c) with a·b + c = -1 (low) and 3 (high).
+    let a = [pack(0xBC00, 0x4000)];
+    let b = [pack(0x4000, 0x3C00)];
+    let c = [pack(0x3C00, 0x3C00)];
+    assert_eq!(ew32("fma.rn.f16x2 %r4, %r1, %r2, %r3;", &a, &b, &c), [pack(0xBC00, 0x4200)]);
+    assert_eq!(ew32("fma.rn.relu.f16x2 %r4, %r1, %r2, %r3;", &a, &b, &c), [pack(0x0000, 0x4200)]);
+    assert_eq!(ew32("fma.rn.sat.f16x2 %r4, %r1, %r2, %r3;", &a, &b, &c), [pack(0x0000, 0x3C00)]);
+    // bf16: 1.0 = 0x3F80, -1.0 = 0xBF80, 2.0 = 0x4000.
+    let out = ew32(
+        "fma.rn.relu.bf16x2 %r4, %r1, %r2, %r3;",
+        &[pack(0xBF80, 0x4000)],
+        &[pack(0x4000, 0x3F80)],
+        &[pack(0x3F80, 0x3F80)],
+    );
+    assert_eq!(out, [pack(0x0000, 0x4040)]);
+    // min/max on f16x2: (1, NaN) vs (NaN, -0) and (-0, +0).
+    let x = [pack(0x3C00, 0x7E00), pack(0x8000, 0x0000)];
+    let y = [pack(0x7E00, 0x8000), pack(0x0000, 0x8000)];
+    let z = [0, 0];
+    assert_eq!(ew32("min.f16x2 %r4, %r1, %r2;", &x, &y, &z), [pack(0x3C00, 0x8000), pack(0x8000, 0x8000)]);
+    assert_eq!(ew32("max.f16x2 %r4, %r1, %r2;", &x, &y, &z), [pack(0x3C00, 0x8000), pack(0x0000, 0x0000)]);
+    let nan = ew32("max.NaN.f16x2 %r4, %r1, %r2;", &x, &y, &z);
+    assert!(
+        (nan[0] & 0x7C00) == 0x7C00
+            && (nan[0] & 0x3FF) != 0
+            && (nan[0] >> 16 & 0x7C00) == 0x7C00
+            && (nan[0] >> 16 & 0x3FF) != 0,
+        "{:#x}",
+        nan[0]
+    );
+    let xb = [pack(0x3F80, 0x7FC0)];
+    let yb = [pack(0x7FC0, 0xBF80)];
+    assert_eq!(ew32("min.bf16x2 %r4, %r1, %r2;", &xb, &yb, &[0]), [pack(0x3F80, 0xBF80)]);
+    // cvt .relu / .satfinite.
+    let vals = [-3.0f32, 2.0, f32::NAN, 1.0e6, -1.0e6, f32::INFINITY];
+    let a = f(&vals);
+    let z = vec![0; a.len()];
+    let relu = ew32("mov.b32 %f1, %r1;\n\tcvt.rn.relu.f16.f32 %rs1, %f1;\n\tcvt.u32.u16 %r4, %rs1;", &a, &z, &z);
+    let satf = ew32("mov.b32 %f1, %r1;\n\tcvt.rn.satfinite.f16.f32 %rs1, %f1;\n\tcvt.u32.u16 %r4, %rs1;", &a, &z, &z);
+    let want_relu = [0x0000, 0x4000, u32::MAX, 0x7C00, 0x0000, 0x7C00];
+    let want_satf = [0xC200, 0x4000, u32::MAX, 0x7BFF, 0xFBFF, 0x7BFF];
+    for i in 0..vals.len() {
+        if want_relu[i] == u32::MAX {
+            assert!(is_nan16(relu[i]) && is_nan16(satf[i]), "NaN through .relu/.satfinite");
+        } else {
+            assert_eq!(relu[i], want_relu[i], "cvt.rn.relu.f16.f32 {}", vals[i]);
+            assert_eq!(satf[i], want_satf[i], "cvt.rn.satfinite.f16.f32 {}", vals[i]);
+        }
+    }
+    let out = ew32(
+        "mov.b32 %f1, %r1;\n\tmov.b32 %f2, %r2;\n\tcvt.rn.relu.bf16x2.f32 %r4, %f1, %f2;",
+        &f(&[-2.0, 3.0]),
+        &f(&[5.0, -0.5]),
+        &[0, 0],
+    );
+    assert_eq!(out, [pack(0x40A0, 0x0000), pack(0x0000, 0x4040)]);
+}
+
+/// "set": `set.CmpOp.u32.f32` writes 0xFFFFFFFF for true and 0 for false, `set...f32.f32`
+/// writes 1.0f / 0.0f; "selp.f32" and float immediates in nvcc's `0fXXXXXXXX` form.
+#[test]
+fn set_and_float_immediates() {
+    let a = f(&[1.0, 2.0, f32::NAN]);
+    let z = vec![0; 3];
+    let s = ew32("mov.b32 %f1, %r1;\n\tset.lt.u32.f32 %r4, %f1, 0f3FC00000;", &a, &z, &z);
+    assert_eq!(s, [u32::MAX, 0, 0]);
+    let s = ew32("mov.b32 %f1, %r1;\n\tset.gtu.f32.f32 %f2, %f1, 0f3FC00000;\n\tmov.b32 %r4, %f2;", &a, &z, &z);
+    assert_eq!(s, f(&[0.0, 1.0, 1.0]));
+    let s = ew32("mov.b32 %f1, %r1;\n\tsetp.gt.f32 %p1, %f1, 0f3FC00000;\n\tselp.f32 %f2, 0fBF800000, 0f40490FDB, %p1;\n\tmov.b32 %r4, %f2;", &a, &z, &z);
+    assert_eq!(s, f(&[std::f32::consts::PI, -1.0, std::f32::consts::PI]));
+    let s = ew64("mov.f64 %fd1, 0d3FF8000000000000;\n\tmov.b64 %rd14, %fd1;", &[0], &[0], &[0]);
+    assert_eq!(s, [1.5f64.to_bits()]);
 }

@@ -585,3 +585,31 @@ fn pred_logic_abs_neg_cnot() {
         assert_eq!(cnot[i], (a[i] == 0) as u32);
     }
 }
+
+/// "add/sub" `.sat.s32` (clamps to the s32 range), "mul24/mad24" `.lo` (24-bit operands),
+/// 16-bit shifts.
+#[test]
+fn sat_mul24_shift16() {
+    let mut rng = Rng::new(11);
+    let xs = edge_u32(&mut rng, 10);
+    let (a, b) = pairs(&xs);
+    let c = vec![0; a.len()];
+    let adds = ew32("add.sat.s32 %r4, %r1, %r2;", &a, &b, &c);
+    let subs = ew32("sub.sat.s32 %r4, %r1, %r2;", &a, &b, &c);
+    let m24u = ew32("mul24.lo.u32 %r4, %r1, %r2;", &a, &b, &c);
+    let m24s = ew32("mul24.lo.s32 %r4, %r1, %r2;", &a, &b, &c);
+    let sh16 = ew32("cvt.u16.u32 %rs1, %r1;\n\tand.b32 %r5, %r2, 31;\n\tshl.b16 %rs2, %rs1, %r5;\n\tshr.s16 %rs3, %rs1, %r5;\n\tmov.b32 %r4, {%rs2, %rs3};", &a, &b, &c);
+    for i in 0..a.len() {
+        let (x, y) = (a[i] as i32 as i64, b[i] as i32 as i64);
+        assert_eq!(adds[i], (x + y).clamp(i32::MIN as i64, i32::MAX as i64) as i32 as u32);
+        assert_eq!(subs[i], (x - y).clamp(i32::MIN as i64, i32::MAX as i64) as i32 as u32);
+        assert_eq!(m24u[i], ((a[i] & 0xFF_FFFF) as u64 * (b[i] & 0xFF_FFFF) as u64) as u32, "mul24.lo.u32");
+        let s24 = |v: u32| ((v << 8) as i32 >> 8) as i64;
+        assert_eq!(m24s[i], (s24(a[i]) * s24(b[i])) as u32, "mul24.lo.s32 {:#x} {:#x}", a[i], b[i]);
+        let n = b[i] & 31;
+        let h = a[i] as u16;
+        let shl = if n >= 16 { 0 } else { h << n };
+        let shr = (h as i16 >> n.min(15)) as u16;
+        assert_eq!(sh16[i], shl as u32 | (shr as u32) << 16, "16-bit shifts {h:#x} by {n}");
+    }
+}

@@ -331,3 +331,58 @@ fn stmatrix_roundtrip() {
         }
     }
 }
+
+/// Operand aliasing in warp-wide matrix instructions ("Instruction Operands": all sources are
+/// read before any destination is written): `mma` with D = C (in-place accumulation, twice:
+/// D = 2·A·B + C), and `ldmatrix` whose destination register is also the address register.
+#[test]
+fn mma_and_ldmatrix_aliasing() {
+    // In-place mma: reuse check_mma's fragment layout on one problem, C = D registers.
+    let mut rng = Rng::new(77);
+    let val = |rng: &mut Rng| rng.below(7) as f32 - 3.0;
+    let a: Vec<Vec<f32>> = (0..16).map(|_| (0..16).map(|_| val(&mut rng)).collect()).collect();
+    let b: Vec<Vec<f32>> = (0..16).map(|_| (0..8).map(|_| val(&mut rng)).collect()).collect();
+    let c: Vec<Vec<f32>> = (0..16).map(|_| (0..8).map(|_| val(&mut rng)).collect()).collect();
+    let (mut fa, mut fb, mut fc) = (vec![0u32; 128], vec![0u32; 128], vec![0u32; 128]);
+    for l in 0..32 {
+        for r in 0..4 {
+            let ((x0, y0), (x1, y1)) = (a_pos(16, l, r, 0), a_pos(16, l, r, 1));
+            fa[l * 4 + r] = enc(T::BF16, a[x0][y0]) | enc(T::BF16, a[x1][y1]) << 16;
+        }
+        for r in 0..2 {
+            let ((x0, y0), (x1, y1)) = (b_pos(l, r, 0), b_pos(l, r, 1));
+            fb[l * 4 + r] = enc(T::BF16, b[x0][y0]) | enc(T::BF16, b[x1][y1]) << 16;
+        }
+        for i in 0..4 {
+            let (x, y) = c_pos(l, i);
+            fc[l * 4 + i] = c[x][y].to_bits();
+        }
+    }
+    let ptx = mma_ptx("m16n8k16", 16, true, "bf16").replace(
+        "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f11, %f12, %f13, %f14}, {%r10, %r11, %r12, %r13}, {%r20, %r21}, {%f1, %f2, %f3, %f4};\n",
+        "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r10, %r11, %r12, %r13}, {%r20, %r21}, {%f1, %f2, %f3, %f4};\n\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r10, %r11, %r12, %r13}, {%r20, %r21}, {%f1, %f2, %f3, %f4};\n\tmov.f32 %f11, %f1;\n\tmov.f32 %f12, %f2;\n\tmov.f32 %f13, %f3;\n\tmov.f32 %f14, %f4;\n",
+    );
+    assert!(ptx.matches("mma.sync").count() == 2);
+    let d = Dev::new();
+    let (pa, pb, pc, pd) = (d.upload(&fa), d.upload(&fb), d.upload(&fc), d.zeros(512));
+    d.run(&ptx, "mma_k", 1, 32, &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)]);
+    let out: Vec<u32> = d.read(pd, 128);
+    for l in 0..32 {
+        for e in 0..4 {
+            let (i, j) = c_pos(l, e);
+            let ab: f64 = (0..16).map(|k| a[i][k] as f64 * b[k][j] as f64).sum();
+            assert_eq!(f32::from_bits(out[l * 4 + e]) as f64, 2.0 * ab + c[i][j] as f64, "in-place mma D[{i}][{j}]");
+        }
+    }
+    // ldmatrix.x4 into {%r30, ...}: %r30 is also every lane's address operand.
+    let slots: [u32; 32] = std::array::from_fn(|i| ((i * 13 + 5) % 64) as u32);
+    let inst = "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r30, %r11, %r12, %r13}, [%r30];\n\tmov.u32 %r10, %r30;";
+    let (out, _) = run_ldm(inst, &slots);
+    let elem = |j: usize, row: usize, col: usize| slots[8 * j + row] * 8 + col as u32;
+    for l in 0..32 {
+        for j in 0..4 {
+            let want = elem(j, l / 4, 2 * (l % 4)) | elem(j, l / 4, 2 * (l % 4) + 1) << 16;
+            assert_eq!(out[l * 4 + j], want, "aliased ldmatrix lane {l} reg {j}");
+        }
+    }
+}

@@ -225,3 +225,155 @@ fn divergence_reconvergence() {
         assert_eq!(&out[w * 32..w * 32 + 32], &v[..]);
     }
 }
+
+/// Collectives whose destination is also their source ("Instruction Operands": every source is
+/// read before the destination is written, for all threads of the collective), e.g.
+/// `shfl.sync.bfly.b32 %r1, %r1, 1, 31, -1`.
+#[test]
+fn collectives_with_aliased_operands() {
+    let n = 64usize;
+    let a: Vec<u32> = (0..n as u32).map(|i| i * 5 + 3).collect();
+    let z = vec![0; n];
+    let cases: [(&str, fn(&[u32], usize) -> u32); 5] = [
+        ("shfl.sync.bfly.b32 %r1, %r1, 1, 31, -1;", |w, l| w[l ^ 1]),
+        ("shfl.sync.down.b32 %r1, %r1, 3, 31, -1;", |w, l| if l + 3 < 32 { w[l + 3] } else { w[l] }),
+        ("shfl.sync.idx.b32 %r1, %r1, %r1, 31, -1;", |w, l| w[(w[l] % 32) as usize]),
+        ("redux.sync.add.u32 %r1, %r1, -1;", |w, _| w.iter().sum()),
+        ("match.any.sync.b32 %r1, %r1, -1;", |w, l| (0..32).filter(|&j| w[j] % 7 == w[l] % 7).map(|j| 1u32 << j).sum()),
+    ];
+    for (inst, f) in cases {
+        let pre = if inst.starts_with("match") { "rem.u32 %r1, %r1, 7;\n\t" } else { "" };
+        let out = ew32(&format!("{pre}{inst}\n\tmov.u32 %r4, %r1;"), &a, &z, &z);
+        for i in 0..n {
+            let w = &a[i / 32 * 32..i / 32 * 32 + 32];
+            assert_eq!(out[i], f(w, i % 32), "`{inst}` lane {i}");
+        }
+    }
+}
+
+/// Named barriers with a thread count ("bar.sync": `bar.sync a, b` waits for b threads at
+/// barrier a; `bar.arrive a, b` arrives without waiting): warps 0–1 meet at barrier 1 and warps
+/// 2–3 at barrier 2, independently; a producer warp `bar.arrive`s and consumers `bar.sync`.
+#[test]
+fn named_barriers_with_counts() {
+    let ptx = format!(
+        r#".visible .entry nb(
+	.param .u64 nb_param_0
+)
+{{
+{REGS}	.shared .align 4 .b32 sm[128];
+	ld.param.u64 %rd1, [nb_param_0];
+	mov.u32 %r1, %tid.x;
+	mov.u32 %r2, sm;
+	shl.b32 %r3, %r1, 2;
+	add.s32 %r4, %r2, %r3;
+	mul.lo.u32 %r5, %r1, 11;
+	st.shared.u32 [%r4], %r5;
+	shr.u32 %r6, %r1, 6;
+	setp.eq.u32 %p1, %r6, 0;
+	@%p1 bar.sync 1, 64;
+	@!%p1 bar.sync 2, 64;
+	// read the word of the thread 32 away, inside the same pair of warps
+	xor.b32 %r7, %r1, 32;
+	shl.b32 %r8, %r7, 2;
+	add.s32 %r9, %r2, %r8;
+	ld.shared.u32 %r10, [%r9];
+	// producer/consumer: warp 0 writes then arrives at barrier 3; warps 1-3 wait there
+	shr.u32 %r11, %r1, 5;
+	setp.eq.u32 %p2, %r11, 0;
+	@!%p2 bra $L__consumer;
+	add.u32 %r12, %r1, 5000;
+	st.shared.u32 [%r4+0], %r12;
+	bar.arrive 3, 128;
+	bra.uni $L__out;
+$L__consumer:
+	bar.sync 3, 128;
+	and.b32 %r13, %r1, 31;
+	shl.b32 %r14, %r13, 2;
+	add.s32 %r15, %r2, %r14;
+	ld.shared.u32 %r10, [%r15];
+$L__out:
+	mul.wide.u32 %rd2, %r1, 4;
+	add.s64 %rd3, %rd1, %rd2;
+	st.global.u32 [%rd3], %r10;
+	ret;
+}}
+"#
+    );
+    let d = Dev::new();
+    let p = d.zeros(128 * 4);
+    d.run(&ptx, "nb", 1, 128, &[Arg::Ptr(p)]);
+    let out: Vec<u32> = d.read(p, 128);
+    for t in 0..128u32 {
+        let want = if t < 32 { (t ^ 32) * 11 } else { 5000 + (t % 32) };
+        assert_eq!(out[t as usize], want, "thread {t}");
+    }
+}
+
+/// Collectives with partial membermasks from divergent code: `vote.sync.ballot` and
+/// `redux.sync` over the lanes 0–15 that took a branch.
+#[test]
+fn partial_mask_vote_redux() {
+    let a: Vec<u32> = (0..32).map(|i| i * 3 + 1).collect();
+    let z = vec![0; 32];
+    let out = ew32(
+        "and.b32 %r5, %r23, 31;\n\tsetp.ge.u32 %p1, %r5, 16;\n\t@%p1 bra $L__skip;\n\tand.b32 %r6, %r1, 1;\n\tsetp.ne.u32 %p2, %r6, 0;\n\tvote.sync.ballot.b32 %r7, %p2, 0xFFFF;\n\tredux.sync.max.u32 %r8, %r1, 0xFFFF;\n\txor.b32 %r4, %r7, %r8;\n$L__skip:",
+        &a,
+        &z,
+        &z,
+    );
+    let ballot: u32 = (0..16).filter(|&l| a[l] & 1 == 1).map(|l| 1u32 << l).sum();
+    for l in 0..32 {
+        assert_eq!(out[l], if l < 16 { ballot ^ a[15] } else { 0 }, "lane {l}");
+    }
+}
+
+/// Divergent sides that each run their own collective with a disjoint membermask
+/// ("shfl.sync": membermask names the participating threads), nested divergence followed by a
+/// full-warp `vote` after both levels reconverge, and `bar.warp.sync` ("bar.warp.sync": a
+/// barrier for the threads in membermask).
+#[test]
+fn disjoint_masks_nested_divergence_warp_barrier() {
+    let a: Vec<u32> = (0..64).map(|i| i * 2 + 1).collect();
+    let z = vec![0u32; 64];
+    let out = ew32(
+        "and.b32 %r5, %r23, 31;\n\tsetp.lt.u32 %p1, %r5, 16;\n\t@!%p1 bra $L__hi;\n\tshfl.sync.bfly.b32 %r6, %r1, 1, 31, 0xFFFF;\n\tbra.uni $L__join;\n$L__hi:\n\tshfl.sync.down.b32 %r6, %r1, 2, 31, 0xFFFF0000;\n$L__join:\n\tbar.warp.sync -1;\n\tmov.u32 %r4, %r6;",
+        &a,
+        &z,
+        &z,
+    );
+    for i in 0..64 {
+        let l = i % 32;
+        let w = i / 32 * 32;
+        let want = if l < 16 {
+            a[w + (l ^ 1)]
+        } else if l + 2 < 32 {
+            a[w + l + 2]
+        } else {
+            a[i]
+        };
+        assert_eq!(out[i], want, "lane {i}");
+    }
+    // if (l < 20) { if (l & 1) v = 1 else v = 2 } else v = 4; ballot(v == 2) after the join.
+    let out = ew32(
+        "and.b32 %r5, %r23, 31;\n\tsetp.lt.u32 %p1, %r5, 20;\n\t@!%p1 bra $L__else;\n\tand.b32 %r7, %r5, 1;\n\tsetp.eq.u32 %p2, %r7, 1;\n\t@%p2 bra $L__odd;\n\tmov.u32 %r6, 2;\n\tbra.uni $L__inner;\n$L__odd:\n\tmov.u32 %r6, 1;\n$L__inner:\n\tbra.uni $L__join;\n$L__else:\n\tmov.u32 %r6, 4;\n$L__join:\n\tsetp.eq.u32 %p3, %r6, 2;\n\tvote.sync.ballot.b32 %r8, %p3, -1;\n\tredux.sync.add.u32 %r9, %r6, -1;\n\txor.b32 %r4, %r8, %r9;",
+        &a,
+        &z,
+        &z,
+    );
+    let ballot: u32 = (0..20).filter(|l| l % 2 == 0).map(|l| 1u32 << l).sum();
+    let sum: u32 = (0..32)
+        .map(|l| {
+            if l < 20 {
+                if l % 2 == 1 {
+                    1
+                } else {
+                    2
+                }
+            } else {
+                4
+            }
+        })
+        .sum();
+    assert!(out.iter().all(|&v| v == ballot ^ sum), "{out:?}");
+}

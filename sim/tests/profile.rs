@@ -79,7 +79,6 @@ fn divergent_thread_counts() {
 /// issues, and after the if-then the two paths reconverge at the join label, so the join `add`
 /// and the `ret` issue once for the warp: 9 warp-instructions, 2 of them control.
 #[test]
-#[ignore = "sim bug: divergent paths are not merged at the join label (the join add and ret issue once per path: 11 warp-instructions, not 9)"]
 fn divergent_warp_counts() {
     let d = Dev::profiled();
     let p = d.zeros(4);
@@ -215,4 +214,29 @@ fn mma_and_ldmatrix_counts() {
     // Per warp: one v4 store (4 wavefronts) + ldmatrix.x4 (4 matrices × 1).
     assert_eq!(pr.shared_requests, 2 * 2, "{pr:?}");
     assert_eq!(pr.shared_wavefronts, 2 * (4 + 4), "{pr:?}");
+}
+
+/// Atomics count as a load and a store of their bytes; `cp.async` as a global load only (its
+/// shared side is not a shared request); `ld.param` moves no global bytes.
+#[test]
+fn atomics_and_cp_async_traffic() {
+    let body = "\t.shared .align 16 .b8 sm[512];
+	mov.u32 %r1, %tid.x;
+	atom.global.add.u32 %r2, [%rd1], 1;
+	mul.wide.u32 %rd2, %r1, 16;
+	add.s64 %rd3, %rd1, %rd2;
+	mov.u32 %r3, sm;
+	shl.b32 %r4, %r1, 4;
+	add.s32 %r5, %r3, %r4;
+	cp.async.cg.shared.global [%r5], [%rd3], 16;
+	cp.async.wait_all;";
+    let d = Dev::profiled();
+    let p = d.zeros(512);
+    let pr = prof(&k1("tr", body), "tr", 32, &[Arg::Ptr(p)], &d);
+    assert_eq!(pr.global_load_bytes, 128 + 512, "{pr:?}");
+    assert_eq!(pr.global_store_bytes, 128, "{pr:?}");
+    assert_eq!(pr.global_load_sectors, 1 + 16, "{pr:?}");
+    assert_eq!(pr.global_store_sectors, 1, "{pr:?}");
+    assert_eq!(pr.global_unique_bytes_read, 512, "{pr:?}");
+    assert_eq!(pr.shared_requests, 0, "{pr:?}");
 }

@@ -36,6 +36,8 @@ pub(crate) struct CpOp {
 
 pub(crate) struct Warp {
     pub regs: Vec<u64>,
+    /// `.local` frames of the 32 lanes, `local_bytes` each.
+    pub local: Vec<u8>,
     pub groups: Vec<Group>,
     /// Lanes that exist (a partial last warp has fewer).
     pub exists: u32,
@@ -141,6 +143,7 @@ impl Cta {
         while self.warps.len() < nwarps {
             self.warps.push(Warp {
                 regs: Vec::new(),
+                local: Vec::new(),
                 groups: Vec::new(),
                 exists: 0,
                 exited: 0,
@@ -153,6 +156,8 @@ impl Cta {
         for (wi, w) in self.warps.iter_mut().enumerate() {
             w.regs.clear();
             w.regs.resize(nregs * 32, 0);
+            w.local.clear();
+            w.local.resize(l.k.local_bytes * 32, 0xFF);
             let first = wi as u32 * 32;
             let n = (l.nthreads - first).min(32);
             w.exists = if n == 32 { FULL } else { (1u32 << n) - 1 };

@@ -5,7 +5,7 @@
 use super::cta::Cta;
 use super::Launch;
 use crate::cuda;
-use crate::ir::{PARAM_BASE, SHARED_GENERIC_BASE};
+use crate::ir::{LOCAL_GENERIC_BASE, PARAM_BASE, SHARED_GENERIC_BASE};
 
 /// A failed access: CUDA error code, title, detail.
 pub(crate) struct MemErr {
@@ -23,6 +23,7 @@ pub(crate) enum Where {
     Global(u64),
     Shared(u32),
     Param(usize),
+    Local(u64),
 }
 
 /// Resolves a generic address.
@@ -32,6 +33,8 @@ pub(crate) fn classify(addr: u64) -> Where {
         Where::Shared((addr - SHARED_GENERIC_BASE) as u32)
     } else if (PARAM_BASE..PARAM_BASE + (1 << 32)).contains(&addr) {
         Where::Param((addr - PARAM_BASE) as usize)
+    } else if (LOCAL_GENERIC_BASE..LOCAL_GENERIC_BASE + (1 << 32)).contains(&addr) {
+        Where::Local(addr - LOCAL_GENERIC_BASE)
     } else {
         Where::Global(addr)
     }
@@ -130,6 +133,28 @@ impl Launch<'_> {
 }
 
 impl Cta {
+    /// The bytes of thread `lane`'s local frame at `off` (warp `wi`).
+    pub(crate) fn local(
+        &mut self,
+        l: &Launch<'_>,
+        wi: usize,
+        lane: usize,
+        off: u64,
+        len: usize,
+    ) -> Result<&mut [u8], MemErr> {
+        let frame = l.k.local_bytes;
+        if off as usize + len > frame || off > u32::MAX as u64 {
+            return Err(merr(
+                cuda::ILLEGAL_ADDRESS,
+                "invalid local access",
+                format!("{len}-byte access at local offset {off:#x}; the thread's frame is {frame} bytes"),
+            ));
+        }
+        let w = &mut self.warps[wi];
+        let o = lane * frame + off as usize;
+        Ok(&mut w.local[o..o + len])
+    }
+
     fn shared_bounds(&self, l: &Launch<'_>, off: u32, len: usize, align: usize) -> Result<usize, MemErr> {
         if align > 1 && off as usize % align != 0 {
             return Err(merr(

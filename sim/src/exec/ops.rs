@@ -679,7 +679,27 @@ impl Cta {
         let mut n = 0u64;
         let Group { mut pc, mask, .. } = self.warps[wi].groups[gi];
         let mut mask = mask;
+        // The other groups of the warp this one may merge with (not those waiting at a barrier):
+        // reaching one of their pcs, or jumping past the lowest running one, returns to the
+        // scheduler, which merges groups at equal pcs and runs the lowest pc first. That is
+        // where divergent paths reconverge.
+        let mut stops = [u32::MAX; 8];
+        let mut nstops = 0;
+        let mut lowest_other = u32::MAX;
+        for (i, g) in self.warps[wi].groups.iter().enumerate() {
+            if i != gi && !matches!(g.park, Park::Barrier(_)) && nstops < stops.len() {
+                stops[nstops] = g.pc;
+                nstops += 1;
+                if g.park == Park::Run {
+                    lowest_other = lowest_other.min(g.pc);
+                }
+            }
+        }
+        let stops = &stops[..nstops];
         while n < budget {
+            if !stops.is_empty() && stops.contains(&pc) {
+                break;
+            }
             let inst = &k.code[pc as usize];
             let em = match inst.guard {
                 None => mask,
@@ -705,6 +725,9 @@ impl Cta {
                     let taken = em;
                     if taken == mask {
                         pc = *target;
+                        if pc > lowest_other {
+                            break;
+                        }
                         continue;
                     }
                     if taken == 0 {
@@ -1023,6 +1046,8 @@ impl Cta {
             Op::Cvta { to, space, d, a } => map1(regs!(), em, d, a, |x| match (space, to) {
                 (Space::Shared, true) => x.wrapping_sub(SHARED_GENERIC_BASE) & 0xFFFF_FFFF,
                 (Space::Shared, false) => (x & 0xFFFF_FFFF).wrapping_add(SHARED_GENERIC_BASE),
+                (Space::Local, true) => x.wrapping_sub(LOCAL_GENERIC_BASE) & 0xFFFF_FFFF,
+                (Space::Local, false) => (x & 0xFFFF_FFFF).wrapping_add(LOCAL_GENERIC_BASE),
                 _ => x,
             }),
             Op::ReadSpecial { d, s } => {
@@ -1289,6 +1314,7 @@ impl Cta {
                 Space::Global => Where::Global(a),
                 Space::Shared => Where::Shared(a as u32),
                 Space::Param => Where::Param(a.wrapping_sub(PARAM_BASE) as usize),
+                Space::Local => Where::Local(a),
                 _ => classify(a),
             };
             let r = match place {
@@ -1307,6 +1333,7 @@ impl Cta {
                     self.sload(l, Cta::tid(wi, lane as u32), s, b, total)
                 }
                 Where::Param(p) => l.pload(p, b),
+                Where::Local(o) => self.local(l, wi, lane, o, total).map(|src| b.copy_from_slice(src)),
             };
             if let Err(e) = r {
                 return Err(mem_report(self, l, wi, lane as u32, pc, e));
@@ -1364,9 +1391,11 @@ impl Cta {
             let place = match space {
                 Space::Global => Where::Global(a),
                 Space::Shared => Where::Shared(a as u32),
+                Space::Local => Where::Local(a),
                 _ => classify(a),
             };
             let r = match place {
+                Where::Local(o) => self.local(l, wi, lane, o, total).map(|dst| dst.copy_from_slice(b)),
                 Where::Global(g) => {
                     is_global = true;
                     if l.profiling {
@@ -1445,10 +1474,10 @@ impl Cta {
                         let o = self.satomic(l, s, es)?;
                         buf[..es].copy_from_slice(&self.smem[o..o + es]);
                     }
-                    Where::Param(_) => {
+                    Where::Param(_) | Where::Local(_) => {
                         return Err(MemErr {
                             code: cuda::ILLEGAL_ADDRESS,
-                            title: "atomic on the parameter space".into(),
+                            title: "atomic on the parameter or local space".into(),
                             detail: String::new(),
                         })
                     }
@@ -1463,7 +1492,7 @@ impl Cta {
                         let o = s as usize;
                         self.smem[o..o + es].copy_from_slice(&nb[..es]);
                     }
-                    Where::Param(_) => {}
+                    Where::Param(_) | Where::Local(_) => {}
                 }
                 Ok(())
             })();

@@ -28,6 +28,9 @@ pub(crate) struct Lowerer<'m> {
     params: HashMap<String, usize>,
     kernel_shared: HashMap<String, SharedSym>,
     pub used_shared: Vec<String>,
+    /// `.local` variables: name → offset in the thread's local frame.
+    locals: HashMap<String, u64>,
+    pub local_bytes: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -144,6 +147,9 @@ impl<'m> Lowerer<'m> {
     fn sym_value(&mut self, s: &str) -> L<u64> {
         if let Some(&off) = self.params.get(s) {
             return Ok(PARAM_BASE + off as u64);
+        }
+        if let Some(&off) = self.locals.get(s) {
+            return Ok(off);
         }
         if self.kernel_shared.contains_key(s) || self.shared.contains_key(s) {
             if !self.used_shared.iter().any(|u| u == s) {
@@ -317,7 +323,7 @@ impl<'a> Mods<'a> {
         for m in &self.list {
             match *m {
                 "global" => return Space::Global,
-                "shared" | "shared::cta" => return Space::Shared,
+                "shared" | "shared::cta" | "shared::cluster" => return Space::Shared,
                 "param" => return Space::Param,
                 "local" => return Space::Local,
                 "const" => return Space::Const,
@@ -380,7 +386,12 @@ impl<'m> Lowerer<'m> {
         let mut parts = i.opcode.split('.');
         let mn = parts.next().unwrap_or("");
         let m = Mods { list: parts.collect() };
-        let ops = &i.operands;
+        let mut ops: &[O] = &i.operands;
+        // `.L2::cache_hint` on ld/st/atom/red/prefetch adds a cache-policy operand at the end: a
+        // hint, no effect here (cp.async handles its own form below).
+        if mn != "cp" && m.list.iter().any(|x| *x == "L2::cache_hint") && !ops.is_empty() {
+            ops = &ops[..ops.len() - 1];
+        }
         let n = ops.len();
         let want = |k: usize| if n == k { Ok(()) } else { Err(format!("expected {k} operands, found {n}")) };
         let tys = m.types();
@@ -690,8 +701,8 @@ impl<'m> Lowerer<'m> {
                 want(2)?;
                 let t = *tys.last().ok_or("ld without a type")?;
                 let space = m.space();
-                if matches!(space, Space::Local | Space::Const) {
-                    return Err(format!("ld.{space:?} (local/const memory)"));
+                if matches!(space, Space::Const) {
+                    return Err("ld.const (constant memory)".to_string());
                 }
                 let (ds, k) = self.regs::<4>(&ops[0], true)?;
                 if k != m.vec() {
@@ -704,7 +715,7 @@ impl<'m> Lowerer<'m> {
                 want(2)?;
                 let t = *tys.last().ok_or("st without a type")?;
                 let space = m.space();
-                if matches!(space, Space::Local | Space::Const | Space::Param) {
+                if matches!(space, Space::Const | Space::Param) {
                     return Err(format!("st.{space:?}"));
                 }
                 let (srcs, k) = self.regs::<4>(&ops[1], false)?;
@@ -955,6 +966,8 @@ impl<'m> Lowerer<'m> {
             "exit" => Op::Exit,
             "trap" => Op::Trap,
             "nanosleep" => Op::Nanosleep { a: self.src(&ops[0])? },
+            // The policy operands (fractions, primary/secondary priorities) select cache behaviour
+            // only; the result is an opaque 64-bit value the hinted instructions accept.
             "createpolicy" => Op::CreatePolicy { d: self.dst(&ops[0])? },
             "prefetch" | "prefetchu" | "discard" | "applypriority" => Op::Prefetch,
             "call" => return Err("call (device functions are not supported)".into()),
@@ -970,6 +983,7 @@ fn fmt_operand(o: &O) -> String {
         O::Imm(v) => v.to_string(),
         O::F32(v) => format!("0f{v:08X}"),
         O::F64(v) => format!("0d{v:016X}"),
+        O::Dec(v) => v.clone(),
         O::Addr(b, off) => {
             let b = b.as_ref().map(|b| fmt_operand(b)).unwrap_or_default();
             if *off == 0 {
@@ -1037,6 +1051,8 @@ fn lower_entry(
         params: pmap,
         kernel_shared: HashMap::new(),
         used_shared: Vec::new(),
+        locals: HashMap::new(),
+        local_bytes: 0,
     };
     let mut code: Vec<Inst> = Vec::new();
     let mut locs = Vec::new();
@@ -1061,6 +1077,11 @@ fn lower_entry(
             Stmt::Var(v) => match v.space {
                 ast::Space::Shared => {
                     lw.kernel_shared.insert(v.name.clone(), SharedSym { decl: v.clone() });
+                }
+                ast::Space::Local if v.count.is_some() => {
+                    let off = lw.local_bytes.next_multiple_of(v.align.max(1) as u64);
+                    lw.locals.insert(v.name.clone(), off);
+                    lw.local_bytes = off + v.bytes();
                 }
                 _ => {
                     unsupported.get_or_insert(format!("{:?} variable `{}` in kernel body", v.space, v.name));
@@ -1175,6 +1196,7 @@ fn lower_entry(
         maxntid: e.maxntid.or(e.reqntid),
         reqntid: e.reqntid,
         static_smem,
+        local_bytes: lw.local_bytes.next_multiple_of(16) as usize,
         dyn_smem_base: dyn_base as usize,
         code,
         locs,

@@ -28,6 +28,9 @@ pub struct Param {
 pub const PARAM_BASE: u64 = 0x7d00_0000_0000;
 /// Base of the shared window in the generic address space (`cvta.shared`).
 pub const SHARED_GENERIC_BASE: u64 = 0x7c00_0000_0000;
+/// Base of the local window in the generic address space (`cvta.local`): each thread sees its
+/// own frame there.
+pub const LOCAL_GENERIC_BASE: u64 = 0x7b00_0000_0000;
 
 /// Integer and bit-string widths/signedness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -625,6 +628,8 @@ pub struct Kernel {
     pub reqntid: Option<[u32; 3]>,
     /// Bytes of statically declared `.shared` memory the kernel uses.
     pub static_smem: usize,
+    /// Bytes of `.local` memory per thread (stack frames, spills).
+    pub local_bytes: usize,
     /// Where dynamic (extern) shared memory starts in the shared window.
     pub dyn_smem_base: usize,
     pub code: Vec<Inst>,

@@ -116,6 +116,8 @@ pub enum Operand {
     F32(u32),
     /// `0dXXXXXXXXXXXXXXXX`.
     F64(u64),
+    /// A decimal floating-point literal (`1.0`), as written.
+    Dec(String),
     /// A symbol (variable, parameter, label).
     Sym(String),
     /// `[base+offset]`; base is a register or a symbol (or absent for `[imm]`).

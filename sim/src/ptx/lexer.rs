@@ -120,8 +120,20 @@ pub fn lex(src: &str) -> Result<Vec<Token<'_>>> {
             c if ident_start(c) => {
                 let s = i;
                 i += 1;
-                while i < b.len() && ident_cont(b[i]) {
-                    i += 1;
+                loop {
+                    while i < b.len() && ident_cont(b[i]) {
+                        i += 1;
+                    }
+                    // Qualifiers with `::` inside opcodes and directives: `.shared::cta`,
+                    // `.L2::cache_hint`, `createpolicy.fractional.L2::evict_first`, `.L2::128B`.
+                    if b.get(i) == Some(&b':')
+                        && b.get(i + 1) == Some(&b':')
+                        && b.get(i + 2).is_some_and(|c| ident_cont(*c))
+                    {
+                        i += 2;
+                        continue;
+                    }
+                    break;
                 }
                 out.push(Token { tok: Tok::Ident(&src[s..i]), line });
             }
@@ -147,7 +159,7 @@ mod tests {
     #[test]
     fn tokens() {
         let t =
-            lex("ld.global.nc.v4.u32 {%r1,%r2}, [%rd3+-16]; // c\n mov.f32 %f1, 0f3F800000; 0x80008000U .version 9.0")
+            lex("ld.global.nc.v4.u32 {%r1,%r2}, [%rd3+-16]; // c\n mov.f32 %f1, 0f3F800000; 0x80008000U .version 9.0 cp.async.cg.shared.global.L2::128B $L__BB0_1:")
                 .unwrap();
         let k: Vec<Tok> = t.iter().map(|t| t.tok).collect();
         assert_eq!(k[0], Tok::Ident("ld.global.nc.v4.u32"));
@@ -155,5 +167,7 @@ mod tests {
         assert!(k.contains(&Tok::Int(0x8000_8000)));
         assert!(k.contains(&Tok::Dotted("9.0")));
         assert_eq!(t.last().unwrap().line, 2);
+        assert!(k.contains(&Tok::Ident("cp.async.cg.shared.global.L2::128B")));
+        assert_eq!(k[k.len() - 2..], [Tok::Ident("$L__BB0_1"), Tok::Punct(b':')]);
     }
 }

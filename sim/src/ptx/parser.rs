@@ -434,6 +434,7 @@ impl<'a> P<'a> {
                 t => return Err(self.err(format!("bad operand -{t:?}"))),
             },
             Tok::Int(v) => Operand::Imm(v),
+            Tok::Dotted(v) => Operand::Dec(v.to_string()),
             Tok::F32(v) => Operand::F32(v),
             Tok::F64(v) => Operand::F64(v),
             Tok::Ident("_") => Operand::Sink,
