@@ -389,7 +389,7 @@ impl<'m> Lowerer<'m> {
         let mut ops: &[O] = &i.operands;
         // `.L2::cache_hint` on ld/st/atom/red/prefetch adds a cache-policy operand at the end: a
         // hint, no effect here (cp.async handles its own form below).
-        if mn != "cp" && m.list.iter().any(|x| *x == "L2::cache_hint") && !ops.is_empty() {
+        if mn != "cp" && m.list.contains(&"L2::cache_hint") && !ops.is_empty() {
             ops = &ops[..ops.len() - 1];
         }
         let n = ops.len();
@@ -748,7 +748,7 @@ impl<'m> Lowerer<'m> {
                 if m.vec() != 1 || matches!(t, Ty::F(FTy::F16x2 | FTy::BF16x2 | FTy::F16 | FTy::BF16)) {
                     return Err("vector or 16-bit float atomics".into());
                 }
-                let (d, rest) = if mn == "atom" { (Some(self.dst(&ops[0])?), &ops[1..]) } else { (None, &ops[..]) };
+                let (d, rest) = if mn == "atom" { (Some(self.dst(&ops[0])?), &ops[1..]) } else { (None, ops) };
                 let addr = self.addr(&rest[0])?;
                 let b = self.src(&rest[1])?;
                 let c = if op == AtomOp::Cas { Some(self.src(&rest[2])?) } else { None };
