@@ -543,6 +543,19 @@ pub fn f32_to_bf16(x: f32, r: Rnd, relu: bool, satfinite: bool) -> u16 {
     narrow(BF16, x as f64, r, relu, satfinite) as u16
 }
 
+/// `cvt.frnd2{.relu}{.satfinite}.f16.f64`: one rounding from the exact f64 (no f32 step, which
+/// would round twice); rules as [`f32_to_f16`].
+#[inline]
+pub fn f64_to_f16(x: f64, r: Rnd, relu: bool, satfinite: bool) -> u16 {
+    narrow(F16, x, r, relu, satfinite) as u16
+}
+
+/// `cvt.frnd2{.relu}{.satfinite}.bf16.f64`: one rounding from the exact f64.
+#[inline]
+pub fn f64_to_bf16(x: f64, r: Rnd, relu: bool, satfinite: bool) -> u16 {
+    narrow(BF16, x, r, relu, satfinite) as u16
+}
+
 /// `cvt.f32.f16` (exact; a NaN keeps its payload in the top mantissa bits, quiet bit included).
 #[inline]
 pub fn f16_to_f32(h: u16) -> f32 {
@@ -699,6 +712,12 @@ pub fn int_to_f64(v: i128, r: Rnd) -> f64 {
 #[inline]
 pub fn int_to_f16(v: i128, r: Rnd) -> u16 {
     int_round(F16, v, r) as u16
+}
+
+/// `cvt.frnd.bf16.{s,u}N`: one rounding from the exact integer (overflow per mode as for f16).
+#[inline]
+pub fn int_to_bf16(v: i128, r: Rnd) -> u16 {
+    int_round(BF16, v, r) as u16
 }
 
 /// `cvt.irnd{.ftz}.f32.f32`: round to an integral value (`.rni` = ties to even), keeping the

@@ -685,3 +685,48 @@ fn set_and_float_immediates() {
     let s = ew64("mov.f64 %fd1, 0d3FF8000000000000;\n\tmov.b64 %rd14, %fd1;", &[0], &[0], &[0]);
     assert_eq!(s, [1.5f64.to_bits()]);
 }
+
+/// "cvt" rounds once, from the exact source value: f64 → f16/bf16 and 64-bit integer → bf16 must
+/// not round twice through f32. The sources sit just off an f16/bf16 rounding boundary by less
+/// than an f32 ulp, where a truncating f32 intermediate would land exactly on a tie (or on the
+/// lower neighbour) and round the wrong way.
+#[test]
+fn cvt_single_rounding_from_f64_and_s64() {
+    let t = 2f64.powi(-11); // half an f16 ulp at 1.0
+    #[rustfmt::skip]
+    let cases: &[(f64, [u32; 4])] = &[
+        //  x                          rn      rz      rm      rp
+        (1.0 + t + 2f64.powi(-40),   [0x3C01, 0x3C00, 0x3C00, 0x3C01]),
+        (1.0 + 2f64.powi(-40),       [0x3C00, 0x3C00, 0x3C00, 0x3C01]),
+        (-(1.0 + 2f64.powi(-40)),    [0xBC00, 0xBC00, 0xBC01, 0xBC00]),
+        (1.0e-300,                   [0x0000, 0x0000, 0x0000, 0x0001]),
+        (1.0 + t,                    [0x3C00, 0x3C00, 0x3C00, 0x3C01]),
+    ];
+    let x: Vec<u64> = cases.iter().map(|c| c.0.to_bits()).collect();
+    let z = vec![0u64; x.len()];
+    for (m, rnd) in ["rn", "rz", "rm", "rp"].iter().enumerate() {
+        let out = ew64(
+            &format!("mov.b64 %fd1, %rd11;\n\tcvt.{rnd}.f16.f64 %rs1, %fd1;\n\tcvt.u64.u16 %rd14, %rs1;"),
+            &x,
+            &z,
+            &z,
+        );
+        for (i, c) in cases.iter().enumerate() {
+            assert_eq!(out[i] as u32, c.1[m], "cvt.{rnd}.f16.f64 {:e}", c.0);
+        }
+    }
+    let tb = 2f64.powi(-8); // half a bf16 ulp at 1.0
+    let x = [(1.0 + tb + 2f64.powi(-40)).to_bits(), (1.0 + 2f64.powi(-40)).to_bits()];
+    let z = [0u64; 2];
+    let rn = ew64("mov.b64 %fd1, %rd11;\n\tcvt.rn.bf16.f64 %rs1, %fd1;\n\tcvt.u64.u16 %rd14, %rs1;", &x, &z, &z);
+    let rp = ew64("mov.b64 %fd1, %rd11;\n\tcvt.rp.bf16.f64 %rs1, %fd1;\n\tcvt.u64.u16 %rd14, %rs1;", &x, &z, &z);
+    assert_eq!(rn, [0x3F81, 0x3F80], "cvt.rn.bf16.f64");
+    assert_eq!(rp, [0x3F81, 0x3F81], "cvt.rp.bf16.f64");
+    // s64 → bf16: 2^40 + 2^32 + 1 is just above the tie 2^40 + 2^32 between bf16 neighbours
+    // 2^40 and 2^40 + 2^33; 2^40 + 1 rounds up only under .rp.
+    let x = [(1u64 << 40) + (1 << 32) + 1, (1 << 40) + 1];
+    let rn = ew64("cvt.rn.bf16.s64 %rs1, %rd11;\n\tcvt.u64.u16 %rd14, %rs1;", &x, &z, &z);
+    let rp = ew64("cvt.rp.bf16.u64 %rs1, %rd11;\n\tcvt.u64.u16 %rd14, %rs1;", &x, &z, &z);
+    assert_eq!(rn, [0x5381, 0x5380], "cvt.rn.bf16.s64");
+    assert_eq!(rp, [0x5381, 0x5381], "cvt.rp.bf16.u64");
+}

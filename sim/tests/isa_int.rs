@@ -530,7 +530,6 @@ fn int_cvt_and_16bit() {
 /// operand's bytes sign- or zero-extended by its type; `dp2a.lo/.hi` use the low/high bytes of b
 /// against the two halves of a.
 #[test]
-#[ignore = "sim gap: dp4a/dp2a are not implemented (the launch fails with 715, as it should for unsupported PTX); not in issue 8's required set"]
 fn dp4a_dp2a() {
     let mut rng = Rng::new(10);
     let n = 512;

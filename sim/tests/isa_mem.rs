@@ -655,7 +655,6 @@ $L__commit:
 /// "atom": `.add.noftz.f16x2` (sm_60+, what `atomicAdd(__half2*)` compiles to) adds both halves
 /// atomically: 64 threads × (1.0, 1.0) from 0 give 64.0 = 0x5400 in each half.
 #[test]
-#[ignore = "sim gap: 16-bit float and vector atomics (atom.add.noftz.f16x2/bf16x2) are refused at launch (715)"]
 fn atom_add_f16x2() {
     let ptx = format!(
         ".visible .entry hk(\n\t.param .u64 hk_param_0\n)\n{{\n{REGS}\tld.param.u64 %rd1, [hk_param_0];\n\tmov.b32 %r1, 0x3C003C00;\n\tatom.global.add.noftz.f16x2 %r2, [%rd1], %r1;\n\tret;\n}}\n"

@@ -477,7 +477,7 @@ fn cvt(
                 FTy::F32 => bf32(fp::int_to_f32(v, r)),
                 FTy::F64 => bf64(fp::int_to_f64(v, r)),
                 FTy::F16 => fp::int_to_f16(v, r) as u64,
-                FTy::BF16 => fp::f32_to_bf16(fp::int_to_f32(v, Rnd::Rz), r, false, false) as u64,
+                FTy::BF16 => fp::int_to_bf16(v, r) as u64,
                 _ => 0,
             };
             if sat {
@@ -520,8 +520,8 @@ fn cvt(
                 (FTy::F16, FTy::F16) | (FTy::BF16, FTy::BF16) => a & 0xFFFF,
                 (FTy::F16, FTy::BF16) => fp::f32_to_f16(fp::bf16_to_f32(a as u16), r, relu, satfinite) as u64,
                 (FTy::BF16, FTy::F16) => fp::f32_to_bf16(fp::f16_to_f32(a as u16), r, relu, satfinite) as u64,
-                (FTy::F16, FTy::F64) => fp::f32_to_f16(fp::f64_to_f32(f64b(a), Rnd::Rz), r, relu, satfinite) as u64,
-                (FTy::BF16, FTy::F64) => fp::f32_to_bf16(fp::f64_to_f32(f64b(a), Rnd::Rz), r, relu, satfinite) as u64,
+                (FTy::F16, FTy::F64) => fp::f64_to_f16(f64b(a), r, relu, satfinite) as u64,
+                (FTy::BF16, FTy::F64) => fp::f64_to_bf16(f64b(a), r, relu, satfinite) as u64,
                 _ => 0,
             };
             if sat {
@@ -579,6 +579,25 @@ fn prmt(mode: u8, a: u64, b: u64, c: u64) -> u64 {
         _ => [[0, 1, 0, 1], [2, 3, 2, 3], [0, 1, 0, 1], [2, 3, 2, 3]][(sel & 3) as usize],
     };
     (0..4).fold(0u64, |r, k| r | byte(idx[k]) << (8 * k))
+}
+
+/// "Integer Arithmetic Instructions: dp4a / dp2a".
+fn dp(two: bool, hi: bool, sa: bool, sb: bool, a: u64, b: u64, c: u64) -> u64 {
+    let part = |v: u64, k: u32, bits: u32, signed: bool| -> i64 {
+        let x = (v >> (bits * k)) & ((1 << bits) - 1);
+        if signed {
+            sext(x, bits)
+        } else {
+            x as i64
+        }
+    };
+    let dot: i64 = if two {
+        let base = if hi { 2 } else { 0 };
+        (0..2).map(|k| part(a, k, 16, sa) * part(b, base + k, 8, sb)).sum()
+    } else {
+        (0..4).map(|k| part(a, k, 8, sa) * part(b, k, 8, sb)).sum()
+    };
+    ((c as u32 as i64).wrapping_add(dot) as u64) & 0xFFFF_FFFF
 }
 
 fn lop3(a: u64, b: u64, c: u64, lut: u8) -> u64 {
@@ -907,6 +926,9 @@ impl Cta {
                 }
             }
             Op::Bfe { t, d, a, b, c } => map3(regs!(), em, d, a, b, c, |x, y, z| bfe(t, x, y, z)),
+            Op::Dp { two, hi, sa, sb, d, a, b, c } => {
+                map3(regs!(), em, d, a, b, c, |x, y, z| dp(two, hi, sa, sb, x, y, z))
+            }
             Op::Bfi { bits, d, f, b, c, e } => {
                 let regs = regs!();
                 let (fv, bv, cv, ev) = (*get(regs, f), *get(regs, b), *get(regs, c), *get(regs, e));
@@ -1702,6 +1724,17 @@ fn shared_wavefronts(acc: &[(u32, u32)], size: usize) -> u64 {
 }
 
 fn atom_op(op: AtomOp, t: Ty, old: u64, b: u64, c: u64) -> u64 {
+    match (t, op) {
+        (Ty::F(FTy::F16 | FTy::BF16 | FTy::F16x2 | FTy::BF16x2), AtomOp::Exch) => return b,
+        (Ty::F(FTy::F16 | FTy::BF16), AtomOp::Cas) => return if old & 0xFFFF == b & 0xFFFF { c } else { old },
+        (Ty::F(FTy::F16x2 | FTy::BF16x2), AtomOp::Cas) => return if old as u32 == b as u32 { c } else { old },
+        // `.noftz` adds (the only form the ISA has for 16-bit floats): round to nearest, no flush.
+        (Ty::F(FTy::F16), _) => return fp::f16_add(old as u16, b as u16, Rnd::Rn, false, false) as u64,
+        (Ty::F(FTy::BF16), _) => return fp::bf16_add(old as u16, b as u16, Rnd::Rn) as u64,
+        (Ty::F(FTy::F16x2), _) => return fp::f16x2_add(old as u32, b as u32, Rnd::Rn, false, false) as u64,
+        (Ty::F(FTy::BF16x2), _) => return fp::bf16x2_add(old as u32, b as u32, Rnd::Rn) as u64,
+        _ => {}
+    }
     match t {
         Ty::F(FTy::F32) => {
             let (x, y) = (f32b(old), f32b(b));

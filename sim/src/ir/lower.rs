@@ -516,6 +516,23 @@ impl<'m> Lowerer<'m> {
                     _ => return Err("type".into()),
                 }
             }
+            "dp4a" | "dp2a" => {
+                want(4)?;
+                let (Some(Ty::Int(ta)), Some(Ty::Int(tb))) = (tys.first().copied(), tys.get(1).copied()) else {
+                    return Err("dp4a/dp2a need two integer types".into());
+                };
+                let (a, b, c) = (self.src(&ops[1])?, self.src(&ops[2])?, self.src(&ops[3])?);
+                Op::Dp {
+                    two: mn == "dp2a",
+                    hi: m.has("hi"),
+                    sa: ta.signed,
+                    sb: tb.signed,
+                    d: self.dst(&ops[0])?,
+                    a,
+                    b,
+                    c,
+                }
+            }
             "bfe" => {
                 want(4)?;
                 let Some(Ty::Int(t)) = t0 else { return Err("type".into()) };
@@ -745,8 +762,13 @@ impl<'m> Lowerer<'m> {
                         _ => None,
                     })
                     .ok_or("atomic operation")?;
-                if m.vec() != 1 || matches!(t, Ty::F(FTy::F16x2 | FTy::BF16x2 | FTy::F16 | FTy::BF16)) {
-                    return Err("vector or 16-bit float atomics".into());
+                if m.vec() != 1 {
+                    return Err("vector atomics (.v2/.v4/.v8)".into());
+                }
+                if matches!(t, Ty::F(FTy::F16x2 | FTy::BF16x2 | FTy::F16 | FTy::BF16))
+                    && !matches!(op, AtomOp::Add | AtomOp::Exch | AtomOp::Cas)
+                {
+                    return Err(format!("{op:?} on 16-bit floats"));
                 }
                 let (d, rest) = if mn == "atom" { (Some(self.dst(&ops[0])?), &ops[1..]) } else { (None, ops) };
                 let addr = self.addr(&rest[0])?;

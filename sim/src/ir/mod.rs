@@ -321,6 +321,18 @@ pub enum Op {
         b: R,
         c: Option<R>,
     },
+    /// `dp4a` (`two` false) / `dp2a.lo|hi`: `d = c + Σ a.part[i] · b.byte[i]`, parts sign- or
+    /// zero-extended by each operand's type.
+    Dp {
+        two: bool,
+        hi: bool,
+        sa: bool,
+        sb: bool,
+        d: R,
+        a: R,
+        b: R,
+        c: R,
+    },
     Bfe {
         t: IntTy,
         d: R,

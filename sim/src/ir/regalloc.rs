@@ -70,6 +70,7 @@ pub fn visit(op: &mut Op, f: &mut dyn FnMut(&mut R, bool)) {
             f(d, true);
         }
         Op::Mad { d, a, b, c, .. }
+        | Op::Dp { d, a, b, c, .. }
         | Op::Bfe { d, a, b, c, .. }
         | Op::Prmt { d, a, b, c, .. }
         | Op::Lop3 { d, a, b, c, .. }
