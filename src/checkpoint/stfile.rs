@@ -360,6 +360,30 @@ impl SafeFile {
     }
 }
 
+impl SafeFile {
+    /// Tells the kernel that this process no longer needs the pages holding tensor `t`, so they
+    /// leave its resident set (they stay in the page cache; a later read faults them back in).
+    /// Only pages that lie entirely inside the tensor are released. Best effort: errors are
+    /// ignored, and it does nothing where `madvise` is unavailable.
+    pub fn release(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        if let Storage::Map(m) = &self.storage {
+            const PAGE: usize = 4096;
+            let (start, end) = (self.data_start + t.begin, self.data_start + t.end);
+            let first = start.div_ceil(PAGE) * PAGE;
+            let last = end / PAGE * PAGE;
+            if last > first && last <= m.len() {
+                // SAFETY: the map is a read-only file mapping: MADV_DONTNEED only drops this
+                // process's page-table entries; the contents stay those of the file, so every
+                // later access through `bytes` reads the same data (from the page cache or disk).
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+}
+
 /// Little-endian bytes → i32.
 pub fn le_i32(b: &[u8]) -> Vec<i32> {
     b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
@@ -437,8 +461,10 @@ pub fn encode_header(specs: &[OutSpec], metadata: &BTreeMap<String, String>) -> 
 }
 
 /// Writes one safetensors file whose tensor list is known up front; tensors may then be supplied
-/// in any order. Tensors are laid out largest element size first, then by name (the order the
-/// Python writer uses, which keeps every tensor aligned to its element size).
+/// in any order. Tensors are laid out in the order of the official writer (`safetensors.serialize`,
+/// used by `save_file` and `save_pretrained`): dtype in descending order of its enum (U64, I64,
+/// F64, F32, U32, I32, BF16, F16, ...: largest element size first, which keeps every tensor
+/// aligned), then by name. A file written by the Python tools therefore comes back byte for byte.
 pub struct Writer {
     path: String,
     file: File,
@@ -451,7 +477,7 @@ impl Writer {
     /// Creates `path` and writes the header for `specs`.
     pub fn create(path: &Path, mut specs: Vec<OutSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
         let display = path.display().to_string();
-        specs.sort_by(|a, b| b.dtype.size().cmp(&a.dtype.size()).then_with(|| a.name.cmp(&b.name)));
+        specs.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
         if let Some(w) = specs.windows(2).find(|w| w[0].name == w[1].name) {
             return Err(Error::checkpoint(&display, format!("tensor `{}` would be written twice", w[0].name)));
         }
