@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::{GroupSize, QuantShape, PACK};
 use crate::reference::{marlin, quant};
 
+use super::fastrepack::{self, Packed};
 use super::source::Checkpoint;
 use super::stfile::{i32_le, le_i32, le_i64, le_u16, u16_le, Dtype, OutSpec, TensorInfo};
 
@@ -480,6 +481,60 @@ impl LinearMeta {
             v.push(OutSpec { name: format!("{p}.perm"), dtype: Dtype::I32, shape: vec![s.k] });
         }
         Ok(v)
+    }
+
+    /// The Marlin tensors of this layer, straight from the input bytes ([`fastrepack`]) when it
+    /// has no act-order, else through [`load`](Self::load) and the reference.
+    pub fn marlin_tensors_direct(&self, ck: &Checkpoint) -> Result<super::source::Tensors> {
+        let from = match (self.layout, &self.perm) {
+            (Layout::Ct, None) => Packed::Ct,
+            (Layout::Gptq, None) => Packed::Gptq,
+            _ => return self.marlin_tensors(ck, &self.load(ck)?),
+        };
+        self.check_marlin_scales(ck)?;
+        let (p, s) = (&self.prefix, &self.shape);
+        let e = |x: Error| terr(ck, &self.codes_tensor, x);
+        let (f, t) = ck.get(&self.codes_tensor).ok_or_else(|| terr(ck, &self.codes_tensor, "missing"))?;
+        let qw = fastrepack::to_marlin(f.bytes(t), from, s.k, s.n).map_err(e)?;
+        let scales = read_u16(ck, &self.scales_tensor)?;
+        let g = match from {
+            Packed::Ct => quant::transpose(&scales, s.n, s.groups_per_row()).map_err(e)?,
+            Packed::Gptq => scales,
+        };
+        let sc = marlin::marlin_permute_scales(&g, s.k, s.n, s.group).map_err(e)?;
+        Ok(vec![(format!("{p}.qweight"), qw), (format!("{p}.scales"), u16_le(&sc))])
+    }
+
+    /// Restores a Marlin layer without act-order straight from its bytes: `Some` tensors in the
+    /// `to` layout (as [`ct_tensors`](Self::ct_tensors) / [`gptq_tensors`](Self::gptq_tensors)),
+    /// or `None` when the layer needs the general path.
+    pub fn restore_direct(&self, ck: &Checkpoint, gptq: bool, v2: bool) -> Result<Option<super::source::Tensors>> {
+        if self.layout != Layout::Marlin || self.perm.is_some() {
+            return Ok(None);
+        }
+        let (p, s) = (&self.prefix, &self.shape);
+        let e = |x: Error| terr(ck, &self.codes_tensor, x);
+        let (f, t) = ck.get(&self.codes_tensor).ok_or_else(|| terr(ck, &self.codes_tensor, "missing"))?;
+        let to = if gptq { Packed::Gptq } else { Packed::Ct };
+        let codes = fastrepack::from_marlin(f.bytes(t), to, s.k, s.n).map_err(e)?;
+        let scales = read_u16(ck, &self.scales_tensor)?;
+        let g = marlin::marlin_unpermute_scales(&scales, s.k, s.n, s.group).map_err(e)?;
+        let mut v = Vec::new();
+        if gptq {
+            v.push((format!("{p}.qweight"), codes));
+            v.push((format!("{p}.scales"), u16_le(&g)));
+            if !self.has_extra("qzeros") {
+                let z = if v2 { QZEROS_V2 } else { QZEROS_V1 };
+                v.push((format!("{p}.qzeros"), i32_le(&vec![z; s.groups_per_row() * (s.n / PACK)])));
+            }
+        } else {
+            v.push((format!("{p}.weight_packed"), codes));
+            v.push((format!("{p}.weight_scale"), u16_le(&quant::transpose(&g, s.groups_per_row(), s.n).map_err(e)?)));
+            if !self.has_extra("weight_shape") {
+                v.push((format!("{p}.weight_shape"), i32_le(&[s.n as i32, s.k as i32])));
+            }
+        }
+        Ok(Some(v))
     }
 
     /// Encodes a loaded layer in the Marlin layout.

@@ -23,6 +23,7 @@
 
 pub mod config;
 mod fastquant;
+mod fastrepack;
 mod inspect;
 mod jsontext;
 mod linear;

@@ -330,7 +330,7 @@ pub fn repack_checkpoint_with(
         Ok(m)
     };
     let ckr = &ck;
-    let encode = move |l: &LinearMeta| -> Result<Tensors> { l.marlin_tensors(ckr, &l.load(ckr)?) };
+    let encode = move |l: &LinearMeta| -> Result<Tensors> { l.marlin_tensors_direct(ckr) };
     let specs = |l: &LinearMeta| l.marlin_specs(ckr);
     let files = convert_plan(&ck, &det.layers, &specs, &encode, &metadata, &mut report)?;
     // The Marlin config keeps the source's quantization_config text verbatim, so restore can give
@@ -480,6 +480,9 @@ pub fn restore_checkpoint_with(
     };
     let ckr = &ck;
     let encode = move |l: &LinearMeta| -> Result<Tensors> {
+        if let Some(t) = l.restore_direct(ckr, target == Format::Gptq, v2)? {
+            return Ok(t);
+        }
         let q = l.load(ckr)?;
         match target {
             Format::Gptq => l.gptq_tensors(ckr, &q, v2),

@@ -473,7 +473,8 @@ pub(crate) fn write(ck: &Checkpoint, out: &Path, plan: Plan<'_>, progress: &mut 
                         let (f, t) = ck
                             .get(n)
                             .ok_or_else(|| Error::checkpoint(ck.root.display(), format!("tensor `{n}` is missing")))?;
-                        w.write(n, f.bytes(t))?;
+                        let (file, offset, _) = f.range(t);
+                        w.copy_from(n, file, offset, f.bytes(t))?;
                         f.release(t);
                         progress.advance(n, t.nbytes() as u64);
                     }

@@ -302,6 +302,7 @@ pub struct SafeFile {
     /// The validated header.
     pub header: Header,
     by_name: HashMap<String, usize>,
+    file: File,
 }
 
 impl fmt::Debug for SafeFile {
@@ -331,7 +332,7 @@ impl SafeFile {
         let (h, _) = split_file(&display, bytes)?;
         let data_start = 8 + h.len();
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafeFile { path: path.to_path_buf(), display, storage, data_start, header, by_name })
+        Ok(SafeFile { path: path.to_path_buf(), display, storage, data_start, header, by_name, file })
     }
 
     /// The file's path.
@@ -361,6 +362,11 @@ impl SafeFile {
 }
 
 impl SafeFile {
+    /// The open file and the absolute byte range of tensor `t` in it.
+    pub fn range(&self, t: &TensorInfo) -> (&File, u64, usize) {
+        (&self.file, (self.data_start + t.begin) as u64, t.nbytes())
+    }
+
     /// Tells the kernel that this process no longer needs the pages holding tensor `t`, so they
     /// leave its resident set (they stay in the page cache; a later read faults them back in).
     /// Only pages that lie entirely inside the tensor are released. Best effort: errors are
@@ -508,6 +514,49 @@ impl Writer {
         self.file.write_all(bytes).map_err(Error::io(&self.path))?;
         self.written[i] = true;
         Ok(())
+    }
+
+    /// Writes the data of tensor `name` by copying `len` bytes at `offset` of `src` inside the
+    /// kernel (`copy_file_range`: no copy through this process's memory), falling back to a plain
+    /// write of `fallback` where that is not possible.
+    pub fn copy_from(&mut self, name: &str, src: &File, offset: u64, fallback: &[u8]) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let &(i, b, e) = self
+                .slots
+                .get(name)
+                .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor `{name}` was not declared")))?;
+            if fallback.len() == e - b && !self.written[i] {
+                let mut off_in = offset as libc::loff_t;
+                let mut off_out = (self.data_start + b as u64) as libc::loff_t;
+                let mut left = e - b;
+                while left > 0 {
+                    // SAFETY: both descriptors are open for the duration of the call and the
+                    // offsets are plain integers owned by this frame.
+                    let r = unsafe {
+                        libc::copy_file_range(
+                            src.as_raw_fd(),
+                            &mut off_in,
+                            self.file.as_raw_fd(),
+                            &mut off_out,
+                            left,
+                            0,
+                        )
+                    };
+                    if r <= 0 {
+                        break;
+                    }
+                    left -= r as usize;
+                }
+                if left == 0 {
+                    self.written[i] = true;
+                    return Ok(());
+                }
+            }
+        }
+        let _ = (src, offset);
+        self.write(name, fallback)
     }
 
     /// Checks that every declared tensor was written and flushes the file to disk.

@@ -1,0 +1,141 @@
+//! Byte-level Marlin repacking for `repack` and `restore` (layers without act-order): the
+//! layout of DESIGN §3, bit-identical to [`crate::reference::marlin`], straight from the input
+//! tensor's little-endian bytes into the output's, with one allocation and no per-nibble index
+//! arithmetic.
+//!
+//! In Marlin row-tile `kt`, the word for lane `i` and 16-column block `j` of column-tile `nt`
+//! holds the codes of column `c = 64·nt + 16j + ⌊i/4⌋` and `c + 8`, rows `r = 16kt + 2t` and
+//! `r + 1`, `r + 8`, `r + 9` (`t = i mod 4`). Rows `16kt..16kt+8` of column `c` are the source
+//! word `w0(c)` and rows `16kt+8..16kt+16` the word `w1(c)`; rows `r, r+1` of `w0(c)` are exactly
+//! its byte `t` (low nibble `r`, high nibble `r+1`). So the Marlin word is built from byte `t` of
+//! four source words, `b0 = w0(c)`, `b1 = w1(c)`, `b2 = w0(c+8)`, `b3 = w1(c+8)`:
+//! nibbles `b0.lo b1.lo b2.lo b3.lo b0.hi b1.hi b2.hi b3.hi`, and the inverse scatters them back.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::reference::marlin::{TILE_K, TILE_N};
+
+/// Where source word `(column c, K-word kr)` lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Packed {
+    /// compressed-tensors `[N, K/8]`.
+    Ct,
+    /// GPTQ `[K/8, N]`.
+    Gptq,
+}
+
+impl Packed {
+    #[inline(always)]
+    fn word(self, c: usize, kr: usize, k: usize, n: usize) -> usize {
+        match self {
+            Packed::Ct => c * (k / 8) + kr,
+            Packed::Gptq => kr * n + c,
+        }
+    }
+}
+
+fn check(op: &str, len: usize, k: usize, n: usize) -> Result<()> {
+    if k % TILE_K != 0 || n % TILE_N != 0 || len != k * n / 2 {
+        return Err(Error::invalid(
+            "repack",
+            format!("{op}: {len} bytes for K = {k}, N = {n} (K % 16 == 0, N % 64 == 0 and K·N/2 bytes needed)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Source packed codes (bytes of `[N, K/8]` or `[K/8, N]` i32) → Marlin `[K/16, 2N]` bytes.
+pub(crate) fn to_marlin(src: &[u8], from: Packed, k: usize, n: usize) -> Result<Vec<u8>> {
+    check("to_marlin", src.len(), k, n)?;
+    let mut out = vec![0u8; src.len()];
+    // One Marlin row-tile (2N words) per work item.
+    out.par_chunks_mut(8 * n).enumerate().for_each(|(kt, row)| {
+        let byte = |c: usize, kr: usize, t: usize| src[4 * from.word(c, kr, k, n) + t] as u32;
+        for nt in 0..n / TILE_N {
+            for i in 0..32 {
+                let t = i % 4;
+                for j in 0..4 {
+                    let c = TILE_N * nt + 16 * j + i / 4;
+                    let (b0, b1) = (byte(c, 2 * kt, t), byte(c, 2 * kt + 1, t));
+                    let (b2, b3) = (byte(c + 8, 2 * kt, t), byte(c + 8, 2 * kt + 1, t));
+                    let w = (b0 & 15)
+                        | (b1 & 15) << 4
+                        | (b2 & 15) << 8
+                        | (b3 & 15) << 12
+                        | (b0 >> 4) << 16
+                        | (b1 >> 4) << 20
+                        | (b2 >> 4) << 24
+                        | (b3 >> 4) << 28;
+                    let o = 4 * (128 * nt + 4 * i + j);
+                    row[o..o + 4].copy_from_slice(&w.to_le_bytes());
+                }
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Marlin `[K/16, 2N]` bytes → packed codes in `to`'s layout (the exact inverse of
+/// [`to_marlin`]).
+pub(crate) fn from_marlin(src: &[u8], to: Packed, k: usize, n: usize) -> Result<Vec<u8>> {
+    check("from_marlin", src.len(), k, n)?;
+    let mut out = vec![0u8; src.len()];
+    let scatter = |kt: usize, nt: usize, put: &mut dyn FnMut(usize, usize, usize, u8)| {
+        for i in 0..32 {
+            let t = i % 4;
+            for j in 0..4 {
+                let c = TILE_N * nt + 16 * j + i / 4;
+                let o = 4 * (kt * 2 * n + 128 * nt + 4 * i + j);
+                let w = u32::from_le_bytes([src[o], src[o + 1], src[o + 2], src[o + 3]]);
+                let nib = |q: u32| (w >> (4 * q)) & 15;
+                put(c, 2 * kt, t, (nib(0) | nib(4) << 4) as u8);
+                put(c, 2 * kt + 1, t, (nib(1) | nib(5) << 4) as u8);
+                put(c + 8, 2 * kt, t, (nib(2) | nib(6) << 4) as u8);
+                put(c + 8, 2 * kt + 1, t, (nib(3) | nib(7) << 4) as u8);
+            }
+        }
+    };
+    match to {
+        // 64 compressed-tensors rows (one column-tile) per work item.
+        Packed::Ct => out.par_chunks_mut(TILE_N * k / 2).enumerate().for_each(|(nt, rows)| {
+            for kt in 0..k / TILE_K {
+                scatter(kt, nt, &mut |c, kr, t, b| rows[4 * ((c - TILE_N * nt) * (k / 8) + kr) + t] = b);
+            }
+        }),
+        // Two GPTQ rows (one row-tile) per work item.
+        Packed::Gptq => out.par_chunks_mut(8 * n).enumerate().for_each(|(kt, rows)| {
+            for nt in 0..n / TILE_N {
+                scatter(kt, nt, &mut |c, kr, t, b| rows[4 * ((kr - 2 * kt) * n + c) + t] = b);
+            }
+        }),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::marlin;
+    use crate::reference::rng::Rng;
+
+    fn bytes(v: &[i32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn bit_identical_to_the_reference_and_inverse() {
+        let mut rng = Rng::new(9);
+        for (k, n) in [(16usize, 64usize), (64, 128), (128, 192), (48, 320)] {
+            let words: Vec<i32> = (0..k * n / 8).map(|_| rng.next_u64() as i32).collect();
+            let src = bytes(&words);
+            let m = to_marlin(&src, Packed::Ct, k, n).unwrap();
+            assert_eq!(m, bytes(&marlin::ct_marlin_repack(&words, None, k, n).unwrap()), "ct {k}x{n}");
+            assert_eq!(from_marlin(&m, Packed::Ct, k, n).unwrap(), src);
+            let mg = to_marlin(&src, Packed::Gptq, k, n).unwrap();
+            assert_eq!(mg, bytes(&marlin::gptq_marlin_repack(&words, None, k, n).unwrap()), "gptq {k}x{n}");
+            assert_eq!(from_marlin(&mg, Packed::Gptq, k, n).unwrap(), src);
+        }
+        assert!(to_marlin(&[0u8; 8], Packed::Ct, 16, 64).is_err());
+    }
+}
