@@ -1002,3 +1002,101 @@ fn stale_partials_of_dead_processes_are_removed() {
     assert_eq!(rep.removed_stale, vec![stale.display().to_string()]);
     assert!(!stale.exists() && live.exists() && q.is_dir());
 }
+
+/// The Python with torch, transformers and compressed-tensors (`LOWBIT_PYTHON`, else `python3`),
+/// or `None` with the reason printed.
+fn real_python() -> Option<String> {
+    let py = std::env::var("LOWBIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&py)
+        .args(["-c", "import torch, transformers, compressed_tensors; print(compressed_tensors.__version__)"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {
+            eprintln!("using {py}: compressed-tensors {}", String::from_utf8_lossy(&o.stdout).trim());
+            Some(py)
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            eprintln!(
+                "skipped: `{py}` lacks torch/transformers/compressed-tensors ({}); set LOWBIT_PYTHON",
+                err.lines().last().unwrap_or("")
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run `{py}` ({e}); set LOWBIT_PYTHON to a Python with compressed-tensors");
+            None
+        }
+    }
+}
+
+fn run_py(py: &str, args: &[&std::ffi::OsStr]) -> String {
+    let o = std::process::Command::new(py).args(args).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{py} {args:?} failed:\n{out}\n{err}");
+    out.into_owned()
+}
+
+/// Decodes every quantized layer of a Marlin checkpoint to BF16 with the reference, as
+/// `(layer.weight, bytes)`.
+fn decode_marlin(m: &Path) -> Vec<(String, Vec<u8>)> {
+    let ins = checkpoint::inspect(m).unwrap();
+    let t = load_all(m);
+    ins.quantized
+        .iter()
+        .map(|l| {
+            let g = if l.group_size < 0 { GroupSize::Channelwise } else { GroupSize::Group(l.group_size as usize) };
+            let shape = QuantShape::new(l.n, l.k, g).unwrap();
+            let packed = marlin::marlin_to_ct(&from_i32(&t[&format!("{}.qweight", l.name)].2), None, l.k, l.n).unwrap();
+            let sc = from_u16(&t[&format!("{}.scales", l.name)].2);
+            let sc = marlin::marlin_unpermute_scales(&sc, l.k, l.n, shape.group).unwrap();
+            let sc: Vec<bf16> =
+                quant::transpose(&sc, shape.groups_per_row(), l.n).unwrap().into_iter().map(bf16::from_bits).collect();
+            let w: Vec<bf16> = quant::dequantize(&packed, &sc, &shape).unwrap();
+            (format!("{}.weight", l.name), w.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect())
+        })
+        .collect()
+}
+
+/// Runs compressed-tensors itself when it is installed: its `save_pretrained` output goes through
+/// inspect / repack / restore byte for byte, lowbit's Marlin decodes to compressed-tensors' own
+/// dequantized weights, and what `lowbit quantize` writes loads in transformers + compressed-tensors
+/// with bit-identical values.
+#[test]
+fn real_compressed_tensors_when_installed() {
+    let Some(py) = real_python() else { return };
+    let tmp = TempDir::new("ct-python");
+    let real = tmp.path().join("real");
+    let script = fixture("make_ct_real.py");
+    assert!(run_py(&py, &[script.as_os_str(), real.as_os_str()]).contains("ok"));
+    for (name, g) in [("ct-g32", 32), ("ct-g128", 128), ("ct-channel", -1)] {
+        let dir = real.join(name);
+        ct_real_round_trip(&dir, g);
+        let m = tmp.path().join(format!("{name}-m"));
+        checkpoint::repack_checkpoint(&dir, &m).unwrap();
+        let want = load_file(&real.join(format!("{name}.dequant.safetensors")));
+        for (w, bytes) in decode_marlin(&m) {
+            let (_, _, ct) = &want[&w];
+            // compressed-tensors' fake_quantize keeps the sign of weights that round to zero.
+            let same = from_u16(ct).iter().zip(from_u16(&bytes)).all(|(&a, b)| a == b || (a | b) == 0x8000);
+            assert!(same, "{name} {w}: the Marlin decode differs from compressed-tensors' dequantized weight");
+        }
+    }
+    // lowbit quantize → compressed-tensors / transformers load, values bit for bit.
+    let check = fixture("check_ct_load.py");
+    for g in [GroupSize::Group(32), GroupSize::Group(128), GroupSize::Channelwise] {
+        let q = tmp.path().join(format!("lowbit-{}", g.to_checkpoint()));
+        checkpoint::quantize_checkpoint(real.join("bf16"), &q, &cpu_opts(g)).unwrap();
+        let m = tmp.path().join(format!("lowbit-{}-m", g.to_checkpoint()));
+        checkpoint::repack_checkpoint(&q, &m).unwrap();
+        let reference: Vec<Tensor> =
+            decode_marlin(&m).into_iter().map(|(n, b)| (n, D::BF16, vec![], b)).collect::<Vec<_>>();
+        let shapes = load_all(&real.join("bf16"));
+        let reference: Vec<Tensor> =
+            reference.into_iter().map(|(n, d, _, b)| (n.clone(), d, shapes[&n].1.clone(), b)).collect();
+        let refp = tmp.path().join(format!("ref-{}.safetensors", g.to_checkpoint()));
+        write_st(&refp, reference, None);
+        let out = run_py(&py, &[check.as_os_str(), q.as_os_str(), refp.as_os_str()]);
+        assert!(out.contains("ok 7"), "{out}");
+    }
+}
