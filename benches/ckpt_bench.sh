@@ -52,7 +52,7 @@ run() {
   local user sys; user=$(grep "User time" "$log" | awk '{print $NF}'); sys=$(grep "System time" "$log" | awk '{print $NF}')
   local b; b=$(bytes "$in")
   printf "%-22s in %6.3f GB  wall %6.2f s  %6.3f GB/s  cpu %5.2f s  max RSS %5d MB\n" \
-    "$name" "$(echo "$b/1e9" | bc -l)" "$wall" "$(echo "$b/1e9/$wall" | bc -l)" "$(echo "$user+$sys" | bc -l)" "$((rss / 1024))"
+    "$name" "$(echo "$b/1000000000" | bc -l)" "$wall" "$(echo "$b/1000000000/$wall" | bc -l)" "$(echo "$user+$sys" | bc -l)" "$((rss / 1024))"
   rm -f "$log"
 }
 echo "# $(date -u +%F) $(git -C "$ROOT" rev-parse --short HEAD) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

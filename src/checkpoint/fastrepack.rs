@@ -45,31 +45,75 @@ fn check(op: &str, len: usize, k: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
+#[inline(always)]
+fn load(b: &[u8], word: usize) -> u32 {
+    let o = 4 * word;
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+#[inline(always)]
+fn store(b: &mut [u8], word: usize, v: u32) {
+    let o = 4 * word;
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The 128 Marlin words of one 16×64 tile from the source words of its 64 columns: `w0[cc]`
+/// (rows `0..8` of the tile) and `w1[cc]` (rows `8..16`).
+#[inline(always)]
+fn tile_words(w0: &[u32; 64], w1: &[u32; 64], out: &mut [u32; 128]) {
+    for i in 0..32 {
+        let t = 8 * (i % 4);
+        for j in 0..4 {
+            let cc = 16 * j + i / 4;
+            let (b0, b1) = ((w0[cc] >> t) & 0xFF, (w1[cc] >> t) & 0xFF);
+            let (b2, b3) = ((w0[cc + 8] >> t) & 0xFF, (w1[cc + 8] >> t) & 0xFF);
+            out[4 * i + j] = (b0 & 15)
+                | (b1 & 15) << 4
+                | (b2 & 15) << 8
+                | (b3 & 15) << 12
+                | (b0 >> 4) << 16
+                | (b1 >> 4) << 20
+                | (b2 >> 4) << 24
+                | (b3 >> 4) << 28;
+        }
+    }
+}
+
+/// The inverse of [`tile_words`].
+#[inline(always)]
+fn tile_sources(m: &[u32; 128], w0: &mut [u32; 64], w1: &mut [u32; 64]) {
+    *w0 = [0; 64];
+    *w1 = [0; 64];
+    for i in 0..32 {
+        let t = 8 * (i % 4);
+        for j in 0..4 {
+            let cc = 16 * j + i / 4;
+            let w = m[4 * i + j];
+            let nib = |q: u32| (w >> (4 * q)) & 15;
+            w0[cc] |= (nib(0) | nib(4) << 4) << t;
+            w1[cc] |= (nib(1) | nib(5) << 4) << t;
+            w0[cc + 8] |= (nib(2) | nib(6) << 4) << t;
+            w1[cc + 8] |= (nib(3) | nib(7) << 4) << t;
+        }
+    }
+}
+
 /// Source packed codes (bytes of `[N, K/8]` or `[K/8, N]` i32) → Marlin `[K/16, 2N]` bytes.
 pub(crate) fn to_marlin(src: &[u8], from: Packed, k: usize, n: usize) -> Result<Vec<u8>> {
     check("to_marlin", src.len(), k, n)?;
     let mut out = vec![0u8; src.len()];
     // One Marlin row-tile (2N words) per work item.
     out.par_chunks_mut(8 * n).enumerate().for_each(|(kt, row)| {
-        let byte = |c: usize, kr: usize, t: usize| src[4 * from.word(c, kr, k, n) + t] as u32;
-        for nt in 0..n / TILE_N {
-            for i in 0..32 {
-                let t = i % 4;
-                for j in 0..4 {
-                    let c = TILE_N * nt + 16 * j + i / 4;
-                    let (b0, b1) = (byte(c, 2 * kt, t), byte(c, 2 * kt + 1, t));
-                    let (b2, b3) = (byte(c + 8, 2 * kt, t), byte(c + 8, 2 * kt + 1, t));
-                    let w = (b0 & 15)
-                        | (b1 & 15) << 4
-                        | (b2 & 15) << 8
-                        | (b3 & 15) << 12
-                        | (b0 >> 4) << 16
-                        | (b1 >> 4) << 20
-                        | (b2 >> 4) << 24
-                        | (b3 >> 4) << 28;
-                    let o = 4 * (128 * nt + 4 * i + j);
-                    row[o..o + 4].copy_from_slice(&w.to_le_bytes());
-                }
+        let (mut w0, mut w1, mut m) = ([0u32; 64], [0u32; 64], [0u32; 128]);
+        for (nt, dst) in row.chunks_exact_mut(4 * 128).enumerate() {
+            for cc in 0..TILE_N {
+                let c = TILE_N * nt + cc;
+                w0[cc] = load(src, from.word(c, 2 * kt, k, n));
+                w1[cc] = load(src, from.word(c, 2 * kt + 1, k, n));
+            }
+            tile_words(&w0, &w1, &mut m);
+            for (d, v) in dst.chunks_exact_mut(4).zip(m) {
+                d.copy_from_slice(&v.to_le_bytes());
             }
         }
     });
@@ -81,32 +125,34 @@ pub(crate) fn to_marlin(src: &[u8], from: Packed, k: usize, n: usize) -> Result<
 pub(crate) fn from_marlin(src: &[u8], to: Packed, k: usize, n: usize) -> Result<Vec<u8>> {
     check("from_marlin", src.len(), k, n)?;
     let mut out = vec![0u8; src.len()];
-    let scatter = |kt: usize, nt: usize, put: &mut dyn FnMut(usize, usize, usize, u8)| {
-        for i in 0..32 {
-            let t = i % 4;
-            for j in 0..4 {
-                let c = TILE_N * nt + 16 * j + i / 4;
-                let o = 4 * (kt * 2 * n + 128 * nt + 4 * i + j);
-                let w = u32::from_le_bytes([src[o], src[o + 1], src[o + 2], src[o + 3]]);
-                let nib = |q: u32| (w >> (4 * q)) & 15;
-                put(c, 2 * kt, t, (nib(0) | nib(4) << 4) as u8);
-                put(c, 2 * kt + 1, t, (nib(1) | nib(5) << 4) as u8);
-                put(c + 8, 2 * kt, t, (nib(2) | nib(6) << 4) as u8);
-                put(c + 8, 2 * kt + 1, t, (nib(3) | nib(7) << 4) as u8);
-            }
+    let tile = |kt: usize, nt: usize, w0: &mut [u32; 64], w1: &mut [u32; 64]| {
+        let mut m = [0u32; 128];
+        for (q, v) in m.iter_mut().enumerate() {
+            *v = load(src, kt * 2 * n + 128 * nt + q);
         }
+        tile_sources(&m, w0, w1);
     };
     match to {
         // 64 compressed-tensors rows (one column-tile) per work item.
         Packed::Ct => out.par_chunks_mut(TILE_N * k / 2).enumerate().for_each(|(nt, rows)| {
+            let (mut w0, mut w1) = ([0u32; 64], [0u32; 64]);
             for kt in 0..k / TILE_K {
-                scatter(kt, nt, &mut |c, kr, t, b| rows[4 * ((c - TILE_N * nt) * (k / 8) + kr) + t] = b);
+                tile(kt, nt, &mut w0, &mut w1);
+                for cc in 0..TILE_N {
+                    store(rows, cc * (k / 8) + 2 * kt, w0[cc]);
+                    store(rows, cc * (k / 8) + 2 * kt + 1, w1[cc]);
+                }
             }
         }),
         // Two GPTQ rows (one row-tile) per work item.
         Packed::Gptq => out.par_chunks_mut(8 * n).enumerate().for_each(|(kt, rows)| {
+            let (mut w0, mut w1) = ([0u32; 64], [0u32; 64]);
             for nt in 0..n / TILE_N {
-                scatter(kt, nt, &mut |c, kr, t, b| rows[4 * ((kr - 2 * kt) * n + c) + t] = b);
+                tile(kt, nt, &mut w0, &mut w1);
+                for cc in 0..TILE_N {
+                    store(rows, TILE_N * nt + cc, w0[cc]);
+                    store(rows, n + TILE_N * nt + cc, w1[cc]);
+                }
             }
         }),
     }
