@@ -9,6 +9,8 @@
 # times (default 3). The compressed-tensors side runs once when PYTHON (default python3) can
 # import torch and compressed_tensors; otherwise it is skipped with the reason. GB/s is the
 # command's input bytes over wall-clock seconds; outputs are fsynced (lowbit) as part of the run.
+# OUT (default DIR) is where the outputs go: OUT=/dev/shm/... takes the disk out of the
+# measurement (the input stays where it is, in the page cache after the first run).
 set -euo pipefail
 DIR=${1:-/tmp/lowbit-ckpt-bench}
 LAYERS=${2:-21}
@@ -19,6 +21,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 cargo build --release --quiet --bin lowbit --manifest-path "$ROOT/Cargo.toml"
 LOWBIT=$CARGO_TARGET_DIR/release/lowbit
 mkdir -p "$DIR"
+OUT=${OUT:-$DIR}
+mkdir -p "$OUT"
 SRC=$DIR/bf16
 if [ ! -f "$SRC/model.safetensors.index.json" ]; then
   rm -rf "$SRC"
@@ -56,19 +60,19 @@ run() {
   rm -f "$log"
 }
 echo "# $(date -u +%F) $(git -C "$ROOT" rev-parse --short HEAD) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "# input: $(bytes "$SRC") bytes BF16, largest tensor $(largest "$SRC") bytes"
+echo "# input: $(bytes "$SRC") bytes BF16, largest tensor $(largest "$SRC") bytes; outputs in $OUT ($(df --output=fstype "$OUT" | tail -1)); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for i in $(seq "$RUNS"); do
-  run "lowbit quantize -g 32" "$SRC" "$DIR/q32" "$LOWBIT" quantize -g 32 --device cpu "$SRC" "$DIR/q32"
+  run "lowbit quantize -g 32" "$SRC" "$OUT/q32" "$LOWBIT" quantize -g 32 --device cpu "$SRC" "$OUT/q32"
 done
 for i in $(seq "$RUNS"); do
-  run "lowbit repack" "$DIR/q32" "$DIR/m32" "$LOWBIT" repack "$DIR/q32" "$DIR/m32"
+  run "lowbit repack" "$OUT/q32" "$OUT/m32" "$LOWBIT" repack "$OUT/q32" "$OUT/m32"
 done
 for i in $(seq "$RUNS"); do
-  run "lowbit restore" "$DIR/m32" "$DIR/r32" "$LOWBIT" restore "$DIR/m32" "$DIR/r32"
+  run "lowbit restore" "$OUT/m32" "$OUT/r32" "$LOWBIT" restore "$OUT/m32" "$OUT/r32"
 done
-diff -r "$DIR/q32" "$DIR/r32" >/dev/null && echo "# restore(repack(q)) == q byte for byte"
+diff -r "$OUT/q32" "$OUT/r32" >/dev/null && echo "# restore(repack(q)) == q byte for byte"
 if "$PYTHON" -c "import torch, compressed_tensors" 2>/dev/null; then
-  run "compressed-tensors g32" "$SRC" "$DIR/ct32" "$PYTHON" "$ROOT/benches/ckpt_peer_ct.py" "$SRC" "$DIR/ct32" 32
+  run "compressed-tensors g32" "$SRC" "$OUT/ct32" "$PYTHON" "$ROOT/benches/ckpt_peer_ct.py" "$SRC" "$OUT/ct32" 32
 else
   echo "# compressed-tensors: skipped ($PYTHON cannot import torch and compressed_tensors; set PYTHON)"
 fi

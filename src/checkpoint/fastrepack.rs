@@ -57,24 +57,35 @@ fn store(b: &mut [u8], word: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// The 4×4 byte transpose of four words: byte `t` of result `r` is byte `r` of word `t`.
+#[inline(always)]
+fn transpose4(w: [u32; 4]) -> [u32; 4] {
+    std::array::from_fn(|t| {
+        let s = 8 * t;
+        (w[0] >> s & 0xFF) | (w[1] >> s & 0xFF) << 8 | (w[2] >> s & 0xFF) << 16 | (w[3] >> s & 0xFF) << 24
+    })
+}
+
+const LO: u32 = 0x0F0F_0F0F;
+
 /// The 128 Marlin words of one 16×64 tile from the source words of its 64 columns: `w0[cc]`
-/// (rows `0..8` of the tile) and `w1[cc]` (rows `8..16`).
+/// (rows `0..8` of the tile) and `w1[cc]` (rows `8..16`). For lane `i = 4a + t` and block `j`
+/// the word takes byte `t` of `x = w0[cc]`, `y = w1[cc]`, `z = w0[cc+8]`, `u = w1[cc+8]`
+/// (`cc = 16j + a`): low nibbles of x, y, z, u then high nibbles. Building the low/high nibble
+/// pairs of all four bytes at once and transposing gives the four words `t = 0..4` together.
 #[inline(always)]
 fn tile_words(w0: &[u32; 64], w1: &[u32; 64], out: &mut [u32; 128]) {
-    for i in 0..32 {
-        let t = 8 * (i % 4);
+    for a in 0..8 {
         for j in 0..4 {
-            let cc = 16 * j + i / 4;
-            let (b0, b1) = ((w0[cc] >> t) & 0xFF, (w1[cc] >> t) & 0xFF);
-            let (b2, b3) = ((w0[cc + 8] >> t) & 0xFF, (w1[cc + 8] >> t) & 0xFF);
-            out[4 * i + j] = (b0 & 15)
-                | (b1 & 15) << 4
-                | (b2 & 15) << 8
-                | (b3 & 15) << 12
-                | (b0 >> 4) << 16
-                | (b1 >> 4) << 20
-                | (b2 >> 4) << 24
-                | (b3 >> 4) << 28;
+            let cc = 16 * j + a;
+            let (x, y, z, u) = (w0[cc], w1[cc], w0[cc + 8], w1[cc + 8]);
+            let l1 = (x & LO) | (y & LO) << 4;
+            let l2 = (z & LO) | (u & LO) << 4;
+            let h1 = (x >> 4 & LO) | (y & !LO);
+            let h2 = (z >> 4 & LO) | (u & !LO);
+            for (t, v) in transpose4([l1, l2, h1, h2]).into_iter().enumerate() {
+                out[16 * a + 4 * t + j] = v;
+            }
         }
     }
 }
@@ -82,18 +93,14 @@ fn tile_words(w0: &[u32; 64], w1: &[u32; 64], out: &mut [u32; 128]) {
 /// The inverse of [`tile_words`].
 #[inline(always)]
 fn tile_sources(m: &[u32; 128], w0: &mut [u32; 64], w1: &mut [u32; 64]) {
-    *w0 = [0; 64];
-    *w1 = [0; 64];
-    for i in 0..32 {
-        let t = 8 * (i % 4);
+    for a in 0..8 {
         for j in 0..4 {
-            let cc = 16 * j + i / 4;
-            let w = m[4 * i + j];
-            let nib = |q: u32| (w >> (4 * q)) & 15;
-            w0[cc] |= (nib(0) | nib(4) << 4) << t;
-            w1[cc] |= (nib(1) | nib(5) << 4) << t;
-            w0[cc + 8] |= (nib(2) | nib(6) << 4) << t;
-            w1[cc + 8] |= (nib(3) | nib(7) << 4) << t;
+            let cc = 16 * j + a;
+            let [l1, l2, h1, h2] = transpose4(std::array::from_fn(|t| m[16 * a + 4 * t + j]));
+            w0[cc] = (l1 & LO) | (h1 & LO) << 4;
+            w1[cc] = (l1 >> 4 & LO) | (h1 & !LO);
+            w0[cc + 8] = (l2 & LO) | (h2 & LO) << 4;
+            w1[cc + 8] = (l2 >> 4 & LO) | (h2 & !LO);
         }
     }
 }
