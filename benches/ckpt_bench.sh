@@ -49,7 +49,10 @@ run() {
   rm -rf "$out"
   sync
   local log; log=$(mktemp)
-  /usr/bin/time -v "$@" >/dev/null 2>"$log" || { cat "$log"; exit 1; }
+  local so; so=$(mktemp)
+  /usr/bin/time -v "$@" >"$so" 2>"$log" || { cat "$log"; exit 1; }
+  grep -h "GB/s" "$so" | sed 's/^/#   (own timer, imports excluded) /' || true
+  rm -f "$so"
   local wall rss
   wall=$(grep "Elapsed (wall clock)" "$log" | awk '{print $NF}' | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')
   rss=$(grep "Maximum resident set size" "$log" | awk '{print $NF}')
