@@ -1100,3 +1100,21 @@ fn real_compressed_tensors_when_installed() {
         assert!(out.contains("ok 7"), "{out}");
     }
 }
+
+#[test]
+fn gptq_with_only_quantize_config_json_round_trips() {
+    // AutoGPTQ-era layout: config.json without quantization_config, the config in
+    // quantize_config.json.
+    let tmp = TempDir::new("gptq-qcfg");
+    let input = tmp.path().join("in");
+    make_gptq(&input, true, false, 32);
+    write_json(&input.join("config.json"), &serde_json::json!({ "model_type": "llama", "torch_dtype": "float16" }));
+    assert_eq!(checkpoint::inspect(&input).unwrap().format, Format::Gptq);
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(&input, &m).unwrap();
+    let cfg = read_json(&m.join("config.json"));
+    assert_eq!(cfg["quantization_config"]["source_config_file"], "quantize_config.json");
+    let r = tmp.path().join("r");
+    checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_same_tree(&input, &r);
+}
