@@ -160,7 +160,8 @@ impl Checkpoint {
             if !cfg.is_object() {
                 return Err(Error::checkpoint(&ck.config_path, "config.json is not a JSON object"));
             }
-            if let Some(qc) = cfg.get("quantization_config") {
+            // `"quantization_config": null` (some exporters write it) means not quantized.
+            if let Some(qc) = cfg.get("quantization_config").filter(|v| !v.is_null()) {
                 let (parsed, ignored) = config::parse_noting(&ck.config_path, qc)?;
                 ck.quant = Some((parsed, qc.clone()));
                 ck.ignored_keys = ignored;
