@@ -1118,3 +1118,62 @@ fn gptq_with_only_quantize_config_json_round_trips() {
     checkpoint::restore_checkpoint(&m, &r).unwrap();
     assert_same_tree(&input, &r);
 }
+
+/// Inspect, repack (checked against the reference GPTQ → Marlin repack) and restore a GPTQ
+/// checkpoint; the restored directory must be byte-identical to the input.
+fn gptq_real_round_trip(input: &Path, group: i64, act_order: bool) {
+    let tmp = TempDir::new("gptq-real");
+    let ins = checkpoint::inspect(input).unwrap();
+    assert_eq!(ins.format, Format::Gptq);
+    assert_eq!(ins.group_size, Some(group));
+    assert!(ins.ignored_config_keys.is_empty(), "{:?}", ins.ignored_config_keys);
+    // With act-order, a layer whose K is one group has a trivial g_idx (no reordering).
+    assert_eq!(ins.quantized.iter().any(|l| l.act_order), act_order);
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(input, &m).unwrap();
+    let (src, mt) = (load_all(input), load_all(&m));
+    for l in &ins.quantized {
+        let qw = from_i32(&src[&format!("{}.qweight", l.name)].2);
+        let g_idx = from_i32(&src[&format!("{}.g_idx", l.name)].2);
+        let gs = if group < 0 { l.k } else { group as usize };
+        let perm = l.act_order.then(|| marlin::act_order_perm(&g_idx, l.k, gs).unwrap());
+        let want = marlin::gptq_marlin_repack(&qw, perm.as_deref(), l.k, l.n).unwrap();
+        assert_eq!(mt[&format!("{}.qweight", l.name)].2, i32_bytes(&want), "{}", l.name);
+    }
+    let r = tmp.path().join("r");
+    checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_same_tree(input, &r);
+}
+
+#[test]
+fn gptqmodel_7_7_checkpoints_round_trip_byte_for_byte() {
+    // Written by GPTQModel 7.7.0 itself (tests/fixtures/make_gptqmodel_real.py): its own tensor
+    // order (not safetensors.serialize's), F16 scales, always a g_idx, quantize_config.json and
+    // quant_log.csv beside the weights.
+    gptq_real_round_trip(&fixture("gptqmodel-7.7/g32"), 32, false);
+    gptq_real_round_trip(&fixture("gptqmodel-7.7/g128-act"), 128, true);
+}
+
+/// Runs GPTQModel itself when it is installed (`LOWBIT_PYTHON` with gptqmodel; skipped with the
+/// reason otherwise): fresh GPTQModel checkpoints, with and without act-order, repack and restore
+/// byte for byte.
+#[test]
+fn real_gptqmodel_when_installed() {
+    let Some(py) = real_python() else { return };
+    let probe = std::process::Command::new(&py).args(["-c", "import gptqmodel"]).output().unwrap();
+    if !probe.status.success() {
+        eprintln!("skipped: `{py}` has no gptqmodel");
+        return;
+    }
+    let tmp = TempDir::new("gptqmodel-python");
+    let real = tmp.path().join("real");
+    let script = fixture("make_gptqmodel_real.py");
+    let o = std::process::Command::new(&py)
+        .env("GPTQMODEL_CPU_WORKERS", "2")
+        .args([script.as_os_str(), real.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    gptq_real_round_trip(&real.join("g32"), 32, false);
+    gptq_real_round_trip(&real.join("g128-act"), 128, true);
+}

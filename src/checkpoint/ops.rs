@@ -12,7 +12,7 @@ use super::fastquant::{self, Input, ScaleBits};
 use super::jsontext;
 use super::linear::LinearMeta;
 use super::source::{self, Checkpoint, FilePlan, Item, Plan, Tensors};
-use super::stfile::{i32_le, le_u16, u16_le, Dtype, OutSpec};
+use super::stfile::{self, i32_le, le_u16, u16_le, Dtype, OutSpec};
 use super::{detect, DeviceChoice, Format, NoProgress, Progress, QuantizeOptions, Report, Skipped};
 use crate::device::Device;
 use crate::dtype::Float;
@@ -208,7 +208,7 @@ pub fn quantize_checkpoint_with(
                 }),
             });
         }
-        files.push(FilePlan { name: file_name(&ck, fi), metadata: f.header.metadata.clone(), items });
+        files.push(FilePlan { name: file_name(&ck, fi), metadata: f.header.metadata.clone(), items, order: vec![] });
     }
     let mut ignore_list = patterns.clone();
     ignore_list.extend(skipped_modules);
@@ -248,7 +248,7 @@ fn convert_plan<'a>(
 ) -> Result<Vec<FilePlan<'a>>> {
     let consumed: BTreeSet<&str> = layers.iter().flat_map(|l| l.inputs.iter().map(String::as_str)).collect();
     let mut files: Vec<FilePlan> = (0..ck.files.len())
-        .map(|fi| Ok(FilePlan { name: file_name(ck, fi), metadata: metadata(fi)?, items: Vec::new() }))
+        .map(|fi| Ok(FilePlan { name: file_name(ck, fi), metadata: metadata(fi)?, items: Vec::new(), order: vec![] }))
         .collect::<Result<_>>()?;
     for (fi, f) in ck.files.iter().enumerate() {
         for t in &f.header.tensors {
@@ -272,6 +272,9 @@ fn convert_plan<'a>(
     Ok(files)
 }
 
+/// File metadata key under which `repack` keeps a source file's tensor order (only when it is not
+/// the official writer's).
+const SOURCE_ORDER: &str = "source_order";
 /// Index metadata key under which `repack` keeps the source index's `total_size`.
 const SOURCE_TOTAL_SIZE: &str = "lowbit_source_total_size";
 /// Marlin `quantization_config` key saying the source config came from `quantize_config.json`
@@ -326,6 +329,11 @@ pub fn repack_checkpoint_with(
                 "source_metadata".to_string(),
                 serde_json::to_string(src).map_err(|e| Error::checkpoint(&root, e))?,
             );
+        }
+        // A source written by another writer than `safetensors.serialize` (GPTQModel, ...): keep
+        // its data order so restore can give the file back byte for byte.
+        if let Some(order) = stfile::custom_order(&ck.files[fi].header) {
+            m.insert(SOURCE_ORDER.to_string(), serde_json::to_string(&order).map_err(|e| Error::checkpoint(&root, e))?);
         }
         Ok(m)
     };
@@ -490,7 +498,15 @@ pub fn restore_checkpoint_with(
         }
     };
     let specs = |l: &LinearMeta| Ok(if target == Format::Gptq { l.gptq_specs() } else { l.ct_specs() });
-    let files = convert_plan(&ck, &det.layers, &specs, &encode, &metadata, &mut report)?;
+    let mut files = convert_plan(&ck, &det.layers, &specs, &encode, &metadata, &mut report)?;
+    for (fi, fp) in files.iter_mut().enumerate() {
+        let f = &ck.files[fi];
+        if let Some(o) = f.header.metadata.get(SOURCE_ORDER) {
+            fp.order = serde_json::from_str(o).map_err(|e| {
+                Error::checkpoint(f.display(), format!("__metadata__.{SOURCE_ORDER} is not a JSON list of names: {e}"))
+            })?;
+        }
+    }
     let mut index_metadata = ck.index_metadata.clone();
     let index_total_size = index_metadata.remove(SOURCE_TOTAL_SIZE);
     let plan = Plan {

@@ -391,6 +391,8 @@ pub(crate) struct FilePlan<'a> {
     pub metadata: BTreeMap<String, String>,
     /// Its contents.
     pub items: Vec<Item<'a>>,
+    /// Tensor names to lay out first, in this order (see `Writer::create_ordered`).
+    pub order: Vec<String>,
 }
 
 /// A whole output checkpoint.
@@ -448,7 +450,7 @@ pub(crate) fn write(ck: &Checkpoint, out: &Path, plan: Plan<'_>, progress: &mut 
             stats.bytes += s.nbytes() as u64;
         }
         stats.tensors += specs.len();
-        let mut w = Writer::create(&path, specs, &fp.metadata)?;
+        let mut w = Writer::create_ordered(&path, specs, &fp.metadata, &fp.order)?;
         // Batches of consecutive items, computed in parallel, written in order.
         let mut i = 0;
         while i < fp.items.len() {

@@ -390,6 +390,18 @@ impl SafeFile {
     }
 }
 
+/// The tensor names of `header` in data order, or `None` when that is already the official
+/// writer's order (dtype descending, then name), as for every file written by `safetensors`'
+/// `serialize` / `save_file`.
+pub fn custom_order(header: &Header) -> Option<Vec<String>> {
+    let mut by_data: Vec<&TensorInfo> = header.tensors.iter().collect();
+    by_data.sort_by_key(|t| (t.begin, t.end));
+    let mut canonical: Vec<&TensorInfo> = header.tensors.iter().collect();
+    canonical.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+    let same = by_data.iter().zip(&canonical).all(|(a, b)| a.name == b.name);
+    (!same).then(|| by_data.into_iter().map(|t| t.name.clone()).collect())
+}
+
 /// Little-endian bytes → i32.
 pub fn le_i32(b: &[u8]) -> Vec<i32> {
     b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
@@ -487,11 +499,27 @@ const WRITEBACK_BYTES: usize = 32 << 20;
 
 impl Writer {
     /// Creates `path` and writes the header for `specs`.
-    pub fn create(path: &Path, mut specs: Vec<OutSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn create(path: &Path, specs: Vec<OutSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+        Self::create_ordered(path, specs, metadata, &[])
+    }
+
+    /// [`create`](Self::create), but the tensors named in `order` come first, in that order (the
+    /// data order of a source file written by another writer, so `restore` gives it back byte for
+    /// byte); the others follow in the official writer's order.
+    pub fn create_ordered(
+        path: &Path,
+        mut specs: Vec<OutSpec>,
+        metadata: &BTreeMap<String, String>,
+        order: &[String],
+    ) -> Result<Self> {
         let display = path.display().to_string();
         specs.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
         if let Some(w) = specs.windows(2).find(|w| w[0].name == w[1].name) {
             return Err(Error::checkpoint(&display, format!("tensor `{}` would be written twice", w[0].name)));
+        }
+        if !order.is_empty() {
+            let rank: HashMap<&str, usize> = order.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+            specs.sort_by_key(|s| rank.get(s.name.as_str()).copied().unwrap_or(usize::MAX));
         }
         let (header, ranges) = encode_header(&specs, metadata);
         let mut file = File::create(path).map_err(Error::io(&display))?;
