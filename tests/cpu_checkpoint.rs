@@ -1031,7 +1031,8 @@ fn real_python() -> Option<String> {
 }
 
 fn run_py(py: &str, args: &[&std::ffi::OsStr]) -> String {
-    let o = std::process::Command::new(py).args(args).output().unwrap();
+    // The Python tools write logs into their working directory: keep them out of the repository.
+    let o = std::process::Command::new(py).args(args).current_dir(std::env::temp_dir()).output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{py} {args:?} failed:\n{out}\n{err}");
     out.into_owned()
@@ -1170,6 +1171,7 @@ fn real_gptqmodel_when_installed() {
     let script = fixture("make_gptqmodel_real.py");
     let o = std::process::Command::new(&py)
         .env("GPTQMODEL_CPU_WORKERS", "2")
+        .current_dir(tmp.path())
         .args([script.as_os_str(), real.as_os_str()])
         .output()
         .unwrap();
