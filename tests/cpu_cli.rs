@@ -130,7 +130,9 @@ fn gpu_device_without_gpu_is_a_clean_error() {
 fn make_big_model(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let block: Vec<u8> = (0..65536u32)
-        .flat_map(|i| lowbit::bf16::from_f32((i.wrapping_mul(2654435761) % 2001) as f32 / 1e5 - 0.01).to_bits().to_le_bytes())
+        .flat_map(|i| {
+            lowbit::bf16::from_f32((i.wrapping_mul(2654435761) % 2001) as f32 / 1e5 - 0.01).to_bits().to_le_bytes()
+        })
         .collect();
     let tensors: Vec<Tensor> = (0..4)
         .map(|i| {
