@@ -303,14 +303,10 @@ fn make_gptq(dir: &Path, act_order: bool, v2: bool, g: usize) -> BTreeMap<String
     }
     tensors.push(("model.norm.weight".into(), D::F16, vec![64], vec![0u8; 128]));
     write_st(&dir.join("model.safetensors"), tensors, Some([("format".to_string(), "pt".to_string())].into()));
-    let mut qc = serde_json::json!({
-        "bits": 4, "group_size": g, "desc_act": act_order, "sym": true, "quant_method": "gptq",
-        "damp_percent": 0.01, "true_sequential": true, "static_groups": false
-    });
-    if v2 {
-        qc["checkpoint_format"] = "gptq_v2".into();
-    }
+    let qc = gptqmodel7_config(g as i64, act_order, v2);
     write_json(&dir.join("config.json"), &serde_json::json!({ "model_type": "llama", "quantization_config": qc }));
+    // GPTQModel also writes the same config alone.
+    write_json(&dir.join("quantize_config.json"), &qc);
     layers
 }
 
@@ -337,38 +333,26 @@ fn gptq_case(act_order: bool, v2: bool) {
             Some(p) => assert_eq!(mt[&format!("{name}.perm")].2, i32_bytes(p)),
             None => assert!(!mt.contains_key(&format!("{name}.perm"))),
         }
-        assert!(!mt.contains_key(&format!("{name}.qzeros")) && !mt.contains_key(&format!("{name}.g_idx")));
+        // qzeros and a trivial g_idx are kept unchanged beside the Marlin tensors; an act-order
+        // g_idx became `perm`.
+        assert_eq!(mt.contains_key(&format!("{name}.g_idx")), g_idx.is_none());
+        assert!(mt.contains_key(&format!("{name}.qzeros")));
         assert!(mt.contains_key(&format!("{name}.bias")));
     }
     let cfg = read_json(&m.join("config.json"));
     assert_eq!(cfg["quantization_config"]["desc_act"], act_order);
     assert_eq!(cfg["quantization_config"]["source"], "gptq");
-    // restore → compressed-tensors in source row order (with weight_g_idx for act-order) ...
+    assert_eq!(cfg["quantization_config"]["source_quantization_config"]["method"], "gptq");
+    // restore → GPTQ again, byte for byte (act-order included: lossless, and what GPTQ readers load).
     let r = tmp.path().join("r");
-    checkpoint::restore_checkpoint(&m, &r).unwrap();
-    let rt = load_all(&r);
-    for (name, (qweight, scales, g_idx)) in &layers {
-        let n = mt[&format!("{name}.scales")].1[1];
-        let k = qweight.len() * 8 / n;
-        let shape = QuantShape::new(n, k, GroupSize::Group(g)).unwrap();
-        assert_eq!(rt[&format!("{name}.weight_packed")].2, i32_bytes(&quant::gptq_to_ct(qweight, &shape).unwrap()));
-        assert_eq!(rt[&format!("{name}.weight_scale")].2, u16_bytes(&quant::transpose(scales, k / g, n).unwrap()));
-        match g_idx {
-            Some(gi) => assert_eq!(rt[&format!("{name}.weight_g_idx")].2, i32_bytes(gi)),
-            None => assert!(!rt.contains_key(&format!("{name}.weight_g_idx"))),
-        }
-    }
-    let qc = &read_json(&r.join("config.json"))["quantization_config"];
-    assert_eq!(qc["quant_method"], "compressed-tensors");
-    assert_eq!(
-        qc["config_groups"]["group_0"]["weights"]["actorder"],
-        if act_order { serde_json::json!("group") } else { serde_json::Value::Null }
-    );
-    assert!(!r.join("quantize_config.json").exists());
+    let rep = checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_eq!(rep.output_format, Some(Format::Gptq));
+    assert_same_tree(&input, &r);
     // ... which repacks to exactly the same Marlin tensors.
     let m2 = tmp.path().join("m2");
     checkpoint::repack_checkpoint(&r, &m2).unwrap();
     assert_eq!(load_all(&m2), mt);
+    let _ = layers;
 }
 
 #[test]
@@ -788,4 +772,410 @@ fn fuzz_checkpoint_files() {
         assert!(!out.exists());
         assert_no_partials(tmp.path());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real checkpoints: what compressed-tensors 0.20.1 and GPTQModel 7 write.
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Copies a fixture directory (flat) into `dst`.
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// Inspect, repack and restore a compressed-tensors checkpoint; the restored directory must be
+/// byte-identical to the input (config.json, tensors with their dtypes, metadata, other files).
+fn ct_real_round_trip(input: &Path, group: i64) {
+    let tmp = TempDir::new("ct-real");
+    let ins = checkpoint::inspect(input).unwrap();
+    assert_eq!(ins.format, Format::CompressedTensors);
+    assert_eq!(ins.group_size, Some(group));
+    assert!(!ins.quantized.is_empty());
+    // compressed-tensors' own quantizer (scale amax / 7.5, range [-8, 7]) uses the code -8.
+    assert!(ins.code_minus8 > 0 && ins.code_minus8 == ins.levels[0]);
+    assert!(ins.ignored_config_keys.is_empty(), "{:?}", ins.ignored_config_keys);
+    let layer = &ins.quantized[0];
+    assert!(layer.tensors.iter().any(|t| t.ends_with(".weight_shape")), "{:?}", layer.tensors);
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(input, &m).unwrap();
+    let mt = load_all(&m);
+    let src = load_all(input);
+    // The Marlin codes decode to exactly the source codes.
+    for l in &ins.quantized {
+        let packed = from_i32(&src[&format!("{}.weight_packed", l.name)].2);
+        let want = marlin::ct_marlin_repack(&packed, None, l.k, l.n).unwrap();
+        assert_eq!(mt[&format!("{}.qweight", l.name)].2, i32_bytes(&want), "{}", l.name);
+        assert_eq!(src[&format!("{}.weight_shape", l.name)].0, D::I64, "compressed-tensors writes I64 shapes");
+    }
+    assert_eq!(checkpoint::inspect(&m).unwrap().levels, ins.levels);
+    let r = tmp.path().join("r");
+    checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_same_tree(input, &r);
+}
+
+#[test]
+fn compressed_tensors_0_20_checkpoints_round_trip_byte_for_byte() {
+    ct_real_round_trip(&fixture("ct-0.20.1/g32"), 32);
+    ct_real_round_trip(&fixture("ct-0.20.1/g128"), 128);
+    ct_real_round_trip(&fixture("ct-0.20.1/channel"), -1);
+}
+
+#[test]
+fn gptqmodel7_configs_are_read() {
+    for g in [32usize, 128] {
+        let tmp = TempDir::new("gptqmodel7");
+        let input = tmp.path().join("in");
+        make_gptq(&input, false, false, g);
+        let ins = checkpoint::inspect(&input).unwrap();
+        assert_eq!(ins.format, Format::Gptq);
+        assert_eq!(ins.group_size, Some(g as i64));
+        assert!(ins.ignored_config_keys.is_empty(), "{:?}", ins.ignored_config_keys);
+        assert!(ins.quantized.iter().all(|l| l.tensors.iter().any(|t| t.ends_with(".qzeros"))));
+        let m = tmp.path().join("m");
+        let r = tmp.path().join("r");
+        checkpoint::repack_checkpoint(&input, &m).unwrap();
+        checkpoint::restore_checkpoint(&m, &r).unwrap();
+        assert_same_tree(&input, &r);
+    }
+}
+
+/// Sets `quantization_config[path...] = v` in `dir/config.json`.
+fn set_qc(dir: &Path, path: &[&str], v: serde_json::Value) {
+    let p = dir.join("config.json");
+    let mut cfg = read_json(&p);
+    let mut at = &mut cfg["quantization_config"];
+    for k in path {
+        at = &mut at[*k];
+    }
+    *at = v;
+    write_json(&p, &cfg);
+}
+
+#[test]
+fn harmless_unknown_keys_are_accepted_and_listed() {
+    let tmp = TempDir::new("cfg-tolerant");
+    let q = tmp.path().join("q");
+    copy_dir(&fixture("ct-0.20.1/g32"), &q);
+    set_qc(&q, &["future_feature"], serde_json::Value::Null);
+    set_qc(&q, &["config_groups", "group_0", "weights", "new_knob"], serde_json::json!({}));
+    let ins = checkpoint::inspect(&q).unwrap();
+    let keys: Vec<&str> = ins.ignored_config_keys.iter().map(|k| k.key.as_str()).collect();
+    assert!(keys.contains(&"quantization_config.future_feature"), "{keys:?}");
+    assert!(keys.contains(&"quantization_config.config_groups.group_0.weights.new_knob"), "{keys:?}");
+    // Values lowbit does not use but that do not change the weights are accepted.
+    set_qc(&q, &["config_groups", "group_0", "weights", "actorder"], "weight".into());
+    set_qc(&q, &["config_groups", "group_0", "weights", "observer"], "memoryless_minmax".into());
+    set_qc(&q, &["kv_cache_scheme"], serde_json::json!({"num_bits": 8, "type": "float"}));
+    checkpoint::inspect(&q).unwrap();
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(&q, &m).unwrap();
+    let r = tmp.path().join("r");
+    checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_same_tree(&q, &r);
+}
+
+#[test]
+fn meaning_changing_keys_are_errors_naming_key_and_value() {
+    let tmp = TempDir::new("cfg-strict");
+    let orig = fixture("ct-0.20.1/g128");
+    let cases: Vec<(&[&str], serde_json::Value, &[&str])> = vec![
+        (
+            &["moe_sparsity_config"],
+            serde_json::json!({"method": "prune", "num_experts": [8, 6]}),
+            &["moe_sparsity_config", "prune"],
+        ),
+        (&["sparsity_config"], serde_json::json!({"format": "sparse-24-bitmask"}), &["sparsity_config", "sparse-24"]),
+        (
+            &["transform_config"],
+            serde_json::json!({"config_groups": {"u": {"type": "hadamard"}}}),
+            &["transform_config", "hadamard"],
+        ),
+        (
+            &["config_groups", "group_0", "input_activations"],
+            serde_json::json!({"num_bits": 8}),
+            &["input_activations", "num_bits"],
+        ),
+        (&["config_groups", "group_0", "weights", "symmetric"], false.into(), &["symmetric", "false"]),
+        (&["config_groups", "group_0", "weights", "actorder"], "dynamic".into(), &["actorder", "dynamic"]),
+        (&["config_groups", "group_0", "weights", "strategy"], "block".into(), &["strategy", "block"]),
+        (&["config_groups", "group_0", "weights", "num_bits"], 8.into(), &["num_bits", "8"]),
+        (&["surprise"], 3.into(), &["surprise", "3"]),
+        (&["format"], "nvfp4-pack-quantized".into(), &["format", "nvfp4"]),
+    ];
+    for (i, (path, v, needles)) in cases.into_iter().enumerate() {
+        let q = tmp.path().join(format!("q{i}"));
+        copy_dir(&orig, &q);
+        set_qc(&q, path, v);
+        let out = tmp.path().join(format!("o{i}"));
+        let mut all = vec!["config.json"];
+        all.extend_from_slice(needles);
+        expect_err(&tmp, &out, checkpoint::repack_checkpoint(&q, &out), &all);
+    }
+    // GPTQModel keys that change meaning.
+    let gcases: Vec<(&str, serde_json::Value, &[&str])> = vec![
+        ("method", "qqq".into(), &["method", "qqq"]),
+        ("rotation", "hadamard".into(), &["rotation", "hadamard"]),
+        ("activation", serde_json::json!({"mode": "fp8"}), &["activation", "fp8"]),
+        ("pack_dtype", "int16".into(), &["pack_dtype", "int16"]),
+        ("format", "marlin".into(), &["format", "marlin"]),
+        ("dynamic", serde_json::json!({"-:lm_head": {}}), &["dynamic"]),
+    ];
+    for (i, (key, v, needles)) in gcases.into_iter().enumerate() {
+        let g = tmp.path().join(format!("g{i}"));
+        make_gptq(&g, false, false, 32);
+        set_qc(&g, &[key], v);
+        let out = tmp.path().join(format!("go{i}"));
+        expect_err(&tmp, &out, checkpoint::repack_checkpoint(&g, &out), needles);
+    }
+}
+
+#[test]
+fn f32_scales_are_inspected_and_repack_explains() {
+    let tmp = TempDir::new("f32-scales");
+    let q = tmp.path().join("q");
+    copy_dir(&fixture("ct-0.20.1/g32"), &q);
+    edit_tensors(&q, |all| {
+        for t in all.iter_mut().filter(|t| t.0.ends_with(".weight_scale")) {
+            let v: Vec<u8> = from_u16(&t.3).iter().flat_map(|&b| bf16::from_bits(b).to_f32().to_le_bytes()).collect();
+            *t = (t.0.clone(), D::F32, t.2.clone(), v);
+        }
+    });
+    let ins = checkpoint::inspect(&q).unwrap();
+    assert!(ins.quantized.iter().all(|l| l.scale_dtype == "F32"));
+    assert_eq!(ins.scales.invalid, 0);
+    assert!(ins.scales.min.unwrap() > 0.0);
+    let out = tmp.path().join("o");
+    expect_err(&tmp, &out, checkpoint::repack_checkpoint(&q, &out), &["weight_scale", "F32", "16-bit"]);
+}
+
+#[test]
+fn act_order_restore_never_writes_what_compressed_tensors_rejects() {
+    let tmp = TempDir::new("act-order-ct");
+    let input = tmp.path().join("in");
+    make_gptq(&input, true, false, 32);
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(&input, &m).unwrap();
+    // Restoring goes back to GPTQ (lossless, loadable).
+    let r = tmp.path().join("r");
+    assert_eq!(checkpoint::restore_checkpoint(&m, &r).unwrap().output_format, Some(Format::Gptq));
+    // A Marlin act-order checkpoint that claims a compressed-tensors source without its config:
+    // no current compressed-tensors reads act-order, so restore refuses and says why.
+    let cp = m.join("config.json");
+    let mut cfg = read_json(&cp);
+    let qc = cfg["quantization_config"].as_object_mut().unwrap();
+    qc.remove("source_quantization_config");
+    qc.insert("source".into(), "compressed-tensors".into());
+    write_json(&cp, &cfg);
+    let path = m.join("model.safetensors");
+    let all: Vec<_> = load_file(&path).into_iter().map(|(n, (d, s, b))| (n, d, s, b)).collect();
+    let md: std::collections::HashMap<String, String> =
+        [("format", "marlin"), ("group_size", "32"), ("source", "compressed-tensors")]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    write_st(&path, all, Some(md));
+    let out = tmp.path().join("o");
+    expect_err(&tmp, &out, checkpoint::restore_checkpoint(&m, &out), &["act-order", "compressed-tensors >= 0.19"]);
+}
+
+#[test]
+fn stale_partials_of_dead_processes_are_removed() {
+    let tmp = TempDir::new("stale");
+    let input = tmp.path().join("in");
+    make_model(&input, false);
+    let q = tmp.path().join("q");
+    // A pid far above any pid_max: no such process.
+    let stale = tmp.path().join("q.partial-2147483600");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"half-written").unwrap();
+    // A partial of a live process (this one's parent) is left alone.
+    let live = tmp.path().join(format!("q.partial-{}", std::os::unix::process::parent_id()));
+    std::fs::create_dir_all(&live).unwrap();
+    let rep = checkpoint::quantize_checkpoint(&input, &q, &cpu_opts(GroupSize::Group(32))).unwrap();
+    assert_eq!(rep.removed_stale, vec![stale.display().to_string()]);
+    assert!(!stale.exists() && live.exists() && q.is_dir());
+}
+
+/// The Python with torch, transformers and compressed-tensors (`LOWBIT_PYTHON`, else `python3`),
+/// or `None` with the reason printed.
+fn real_python() -> Option<String> {
+    let py = std::env::var("LOWBIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&py)
+        .args(["-c", "import torch, transformers, compressed_tensors; print(compressed_tensors.__version__)"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {
+            eprintln!("using {py}: compressed-tensors {}", String::from_utf8_lossy(&o.stdout).trim());
+            Some(py)
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            eprintln!(
+                "skipped: `{py}` lacks torch/transformers/compressed-tensors ({}); set LOWBIT_PYTHON",
+                err.lines().last().unwrap_or("")
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run `{py}` ({e}); set LOWBIT_PYTHON to a Python with compressed-tensors");
+            None
+        }
+    }
+}
+
+fn run_py(py: &str, args: &[&std::ffi::OsStr]) -> String {
+    // The Python tools write logs into their working directory: keep them out of the repository.
+    let o = std::process::Command::new(py).args(args).current_dir(std::env::temp_dir()).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{py} {args:?} failed:\n{out}\n{err}");
+    out.into_owned()
+}
+
+/// Decodes every quantized layer of a Marlin checkpoint to BF16 with the reference, as
+/// `(layer.weight, bytes)`.
+fn decode_marlin(m: &Path) -> Vec<(String, Vec<u8>)> {
+    let ins = checkpoint::inspect(m).unwrap();
+    let t = load_all(m);
+    ins.quantized
+        .iter()
+        .map(|l| {
+            let g = if l.group_size < 0 { GroupSize::Channelwise } else { GroupSize::Group(l.group_size as usize) };
+            let shape = QuantShape::new(l.n, l.k, g).unwrap();
+            let packed = marlin::marlin_to_ct(&from_i32(&t[&format!("{}.qweight", l.name)].2), None, l.k, l.n).unwrap();
+            let sc = from_u16(&t[&format!("{}.scales", l.name)].2);
+            let sc = marlin::marlin_unpermute_scales(&sc, l.k, l.n, shape.group).unwrap();
+            let sc: Vec<bf16> =
+                quant::transpose(&sc, shape.groups_per_row(), l.n).unwrap().into_iter().map(bf16::from_bits).collect();
+            let w: Vec<bf16> = quant::dequantize(&packed, &sc, &shape).unwrap();
+            (format!("{}.weight", l.name), w.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect())
+        })
+        .collect()
+}
+
+/// Runs compressed-tensors itself when it is installed: its `save_pretrained` output goes through
+/// inspect / repack / restore byte for byte, lowbit's Marlin decodes to compressed-tensors' own
+/// dequantized weights, and what `lowbit quantize` writes loads in transformers + compressed-tensors
+/// with bit-identical values.
+#[test]
+fn real_compressed_tensors_when_installed() {
+    let Some(py) = real_python() else { return };
+    let tmp = TempDir::new("ct-python");
+    let real = tmp.path().join("real");
+    let script = fixture("make_ct_real.py");
+    assert!(run_py(&py, &[script.as_os_str(), real.as_os_str()]).contains("ok"));
+    for (name, g) in [("ct-g32", 32), ("ct-g128", 128), ("ct-channel", -1)] {
+        let dir = real.join(name);
+        ct_real_round_trip(&dir, g);
+        let m = tmp.path().join(format!("{name}-m"));
+        checkpoint::repack_checkpoint(&dir, &m).unwrap();
+        let want = load_file(&real.join(format!("{name}.dequant.safetensors")));
+        for (w, bytes) in decode_marlin(&m) {
+            let (_, _, ct) = &want[&w];
+            // compressed-tensors' fake_quantize keeps the sign of weights that round to zero.
+            let same = from_u16(ct).iter().zip(from_u16(&bytes)).all(|(&a, b)| a == b || (a | b) == 0x8000);
+            assert!(same, "{name} {w}: the Marlin decode differs from compressed-tensors' dequantized weight");
+        }
+    }
+    // lowbit quantize → compressed-tensors / transformers load, values bit for bit.
+    let check = fixture("check_ct_load.py");
+    for g in [GroupSize::Group(32), GroupSize::Group(128), GroupSize::Channelwise] {
+        let q = tmp.path().join(format!("lowbit-{}", g.to_checkpoint()));
+        checkpoint::quantize_checkpoint(real.join("bf16"), &q, &cpu_opts(g)).unwrap();
+        let m = tmp.path().join(format!("lowbit-{}-m", g.to_checkpoint()));
+        checkpoint::repack_checkpoint(&q, &m).unwrap();
+        let reference: Vec<Tensor> =
+            decode_marlin(&m).into_iter().map(|(n, b)| (n, D::BF16, vec![], b)).collect::<Vec<_>>();
+        let shapes = load_all(&real.join("bf16"));
+        let reference: Vec<Tensor> =
+            reference.into_iter().map(|(n, d, _, b)| (n.clone(), d, shapes[&n].1.clone(), b)).collect();
+        let refp = tmp.path().join(format!("ref-{}.safetensors", g.to_checkpoint()));
+        write_st(&refp, reference, None);
+        let out = run_py(&py, &[check.as_os_str(), q.as_os_str(), refp.as_os_str()]);
+        assert!(out.contains("ok 7"), "{out}");
+    }
+}
+
+#[test]
+fn gptq_with_only_quantize_config_json_round_trips() {
+    // AutoGPTQ-era layout: config.json without quantization_config, the config in
+    // quantize_config.json.
+    let tmp = TempDir::new("gptq-qcfg");
+    let input = tmp.path().join("in");
+    make_gptq(&input, true, false, 32);
+    write_json(&input.join("config.json"), &serde_json::json!({ "model_type": "llama", "torch_dtype": "float16" }));
+    assert_eq!(checkpoint::inspect(&input).unwrap().format, Format::Gptq);
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(&input, &m).unwrap();
+    let cfg = read_json(&m.join("config.json"));
+    assert_eq!(cfg["quantization_config"]["source_config_file"], "quantize_config.json");
+    let r = tmp.path().join("r");
+    checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_same_tree(&input, &r);
+}
+
+/// Inspect, repack (checked against the reference GPTQ → Marlin repack) and restore a GPTQ
+/// checkpoint; the restored directory must be byte-identical to the input.
+fn gptq_real_round_trip(input: &Path, group: i64, act_order: bool) {
+    let tmp = TempDir::new("gptq-real");
+    let ins = checkpoint::inspect(input).unwrap();
+    assert_eq!(ins.format, Format::Gptq);
+    assert_eq!(ins.group_size, Some(group));
+    assert!(ins.ignored_config_keys.is_empty(), "{:?}", ins.ignored_config_keys);
+    // With act-order, a layer whose K is one group has a trivial g_idx (no reordering).
+    assert_eq!(ins.quantized.iter().any(|l| l.act_order), act_order);
+    let m = tmp.path().join("m");
+    checkpoint::repack_checkpoint(input, &m).unwrap();
+    let (src, mt) = (load_all(input), load_all(&m));
+    for l in &ins.quantized {
+        let qw = from_i32(&src[&format!("{}.qweight", l.name)].2);
+        let g_idx = from_i32(&src[&format!("{}.g_idx", l.name)].2);
+        let gs = if group < 0 { l.k } else { group as usize };
+        let perm = l.act_order.then(|| marlin::act_order_perm(&g_idx, l.k, gs).unwrap());
+        let want = marlin::gptq_marlin_repack(&qw, perm.as_deref(), l.k, l.n).unwrap();
+        assert_eq!(mt[&format!("{}.qweight", l.name)].2, i32_bytes(&want), "{}", l.name);
+    }
+    let r = tmp.path().join("r");
+    checkpoint::restore_checkpoint(&m, &r).unwrap();
+    assert_same_tree(input, &r);
+}
+
+#[test]
+fn gptqmodel_7_7_checkpoints_round_trip_byte_for_byte() {
+    // Written by GPTQModel 7.7.0 itself (tests/fixtures/make_gptqmodel_real.py): its own tensor
+    // order (not safetensors.serialize's), F16 scales, always a g_idx, quantize_config.json and
+    // quant_log.csv beside the weights.
+    gptq_real_round_trip(&fixture("gptqmodel-7.7/g32"), 32, false);
+    gptq_real_round_trip(&fixture("gptqmodel-7.7/g128-act"), 128, true);
+}
+
+/// Runs GPTQModel itself when it is installed (`LOWBIT_PYTHON` with gptqmodel; skipped with the
+/// reason otherwise): fresh GPTQModel checkpoints, with and without act-order, repack and restore
+/// byte for byte.
+#[test]
+fn real_gptqmodel_when_installed() {
+    let Some(py) = real_python() else { return };
+    let probe = std::process::Command::new(&py).args(["-c", "import gptqmodel"]).output().unwrap();
+    if !probe.status.success() {
+        eprintln!("skipped: `{py}` has no gptqmodel");
+        return;
+    }
+    let tmp = TempDir::new("gptqmodel-python");
+    let real = tmp.path().join("real");
+    let script = fixture("make_gptqmodel_real.py");
+    let o = std::process::Command::new(&py)
+        .env("GPTQMODEL_CPU_WORKERS", "2")
+        .current_dir(tmp.path())
+        .args([script.as_os_str(), real.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    gptq_real_round_trip(&real.join("g32"), 32, false);
+    gptq_real_round_trip(&real.join("g128-act"), 128, true);
 }

@@ -124,3 +124,79 @@ fn gpu_device_without_gpu_is_a_clean_error() {
         assert_no_partials(tmp.path());
     }
 }
+
+/// A model big enough that `quantize` is still running when the test signals it: four 32 MiB
+/// BF16 weights.
+fn make_big_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let block: Vec<u8> = (0..65536u32)
+        .flat_map(|i| {
+            lowbit::bf16::from_f32((i.wrapping_mul(2654435761) % 2001) as f32 / 1e5 - 0.01).to_bits().to_le_bytes()
+        })
+        .collect();
+    let tensors: Vec<Tensor> = (0..4)
+        .map(|i| {
+            let bytes: Vec<u8> = block.iter().copied().cycle().take(4096 * 4096 * 2).collect();
+            (format!("model.layers.{i}.mlp.up_proj.weight"), safetensors::Dtype::BF16, vec![4096, 4096], bytes)
+        })
+        .collect();
+    write_st(&dir.join("model.safetensors"), tensors, None);
+}
+
+#[cfg(unix)]
+fn interrupted(sig: i32, code: i32) {
+    let tmp = TempDir::new("cli-signal");
+    let input = tmp.path().join("big");
+    make_big_model(&input);
+    let out = tmp.path().join("q");
+    let mut child = Command::new(lowbit_exe())
+        .args([
+            std::ffi::OsStr::new("quantize"),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            input.as_os_str(),
+            out.as_os_str(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = tmp.path().join(format!("q.partial-{}", child.id()));
+    let t0 = std::time::Instant::now();
+    while !partial.exists() && t0.elapsed().as_secs() < 20 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(partial.exists(), "the partial output never appeared");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!out.exists());
+    assert_no_partials(tmp.path());
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_and_sigterm_remove_the_partial_output() {
+    interrupted(libc::SIGTERM, 143);
+    interrupted(libc::SIGINT, 130);
+}
+
+#[test]
+fn stale_partial_is_removed_and_reported() {
+    let tmp = TempDir::new("cli-stale");
+    let input = tmp.path().join("model");
+    make_model(&input, false);
+    let stale = tmp.path().join("q.partial-2147483600");
+    std::fs::create_dir_all(&stale).unwrap();
+    let q = tmp.path().join("q");
+    let out = lowbit(&[&"quantize", &"--device", &"cpu", &input, &q]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("q.partial-2147483600") && err.contains("no longer exists"), "{err}");
+    assert!(!stale.exists());
+}

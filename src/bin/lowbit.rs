@@ -56,7 +56,7 @@ enum Cmd {
         /// Output directory (must not exist).
         output: PathBuf,
     },
-    /// Marlin → compressed-tensors (the bit-exact inverse of repack).
+    /// Marlin → the format it was repacked from (compressed-tensors or GPTQ), byte for byte.
     Restore {
         /// Input Marlin checkpoint.
         input: PathBuf,
@@ -132,6 +132,9 @@ fn summary(what: &str, r: &Report) {
     for s in &r.skipped {
         eprintln!("warning: `{}` left unquantized: {}", s.name, s.reason);
     }
+    for d in &r.removed_stale {
+        eprintln!("note: removed `{d}`, the partial output of a run that no longer exists");
+    }
 }
 
 fn format_inspection(i: &Inspection) -> String {
@@ -148,7 +151,7 @@ fn format_inspection(i: &Inspection) -> String {
         let s = &l.scales;
         let _ = writeln!(
             o,
-            "  {}  [{}, {}] g={} {}{} levels={}/15 scale min={} max={} mean={}",
+            "  {}  [{}, {}] g={} {}{} levels={}/15{} scale min={} max={} mean={}",
             l.name,
             l.n,
             l.k,
@@ -156,10 +159,22 @@ fn format_inspection(i: &Inspection) -> String {
             l.scale_dtype,
             if l.act_order { " act-order" } else { "" },
             l.levels_used,
+            if l.code_minus8 > 0 { format!(" +code -8 ({}x)", l.code_minus8) } else { String::new() },
             fmt_opt(s.min),
             fmt_opt(s.max),
             fmt_opt(s.mean),
         );
+    }
+    if i.code_minus8 > 0 {
+        let _ = writeln!(
+            o,
+            "note: {} weights use the code -8, outside lowbit's 15-level grid (compressed-tensors' own quantizer \
+             writes it; lowbit's never does); repack and restore keep it exactly",
+            i.code_minus8
+        );
+    }
+    for k in &i.ignored_config_keys {
+        let _ = writeln!(o, "ignored config key: {} = {}", k.key, k.value);
     }
     let _ = writeln!(o, "plain tensors: {}", i.plain.len());
     for t in &i.plain {
@@ -247,6 +262,8 @@ fn run(cli: Cli) -> lowbit::Result<()> {
 }
 
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    checkpoint::install_interrupt_cleanup();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

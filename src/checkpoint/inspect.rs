@@ -7,6 +7,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::config::IgnoredKey;
 use super::source::Checkpoint;
 use super::stfile::{le_u16, Dtype};
 use super::{detect, Format};
@@ -86,10 +87,13 @@ pub struct QuantizedLayer {
     /// The tensors that hold it.
     pub tensors: Vec<String>,
     /// How many weights have each stored code `q = -8..=7` (index `q + 8`). `q = -8` (nibble 0)
-    /// is outside the symmetric 15-level grid and never written by this crate.
+    /// is outside the symmetric 15-level grid and never written by this crate, but
+    /// compressed-tensors' own quantizer (scale `amax / 7.5`, range `[-8, 7]`) does write it.
     pub levels: [u64; 16],
     /// How many of the 15 levels `-7..=7` occur.
     pub levels_used: usize,
+    /// How many weights have the code `-8` (`levels[0]`).
+    pub code_minus8: u64,
     /// Scale statistics.
     pub scales: ScaleStats,
 }
@@ -128,6 +132,11 @@ pub struct Inspection {
     pub levels: [u64; 16],
     /// Scale statistics over all quantized layers.
     pub scales: ScaleStats,
+    /// Weights with the code `-8` over all quantized layers (outside lowbit's 15-level grid).
+    pub code_minus8: u64,
+    /// Unknown `quantization_config` keys that were accepted because their value is null, empty
+    /// or false.
+    pub ignored_config_keys: Vec<IgnoredKey>,
 }
 
 fn histogram(bytes: &[u8]) -> [u64; 16] {
@@ -165,8 +174,11 @@ pub fn inspect(input: impl AsRef<Path>) -> Result<Inspection> {
         plain: Vec::new(),
         levels: [0; 16],
         scales: ScaleStats::default(),
+        code_minus8: 0,
+        ignored_config_keys: ck.ignored_keys.clone(),
     };
-    let consumed: BTreeSet<&str> = det.layers.iter().flat_map(|l| l.inputs.iter().map(String::as_str)).collect();
+    let consumed: BTreeSet<&str> =
+        det.layers.iter().flat_map(|l| l.inputs.iter().chain(&l.extra).map(String::as_str)).collect();
     for l in &det.layers {
         let Some((f, t)) = ck.get(&l.codes_tensor) else { continue };
         // Codes are nibbles; every layout stores the same N·K of them, so the layout does not matter.
@@ -176,14 +188,18 @@ pub fn inspect(input: impl AsRef<Path>) -> Result<Inspection> {
             Some(x) => x,
             None => continue,
         };
-        let bits = le_u16(sf.bytes(st));
+        let raw = sf.bytes(st);
         let (vals, floor): (Vec<f32>, f32) = match st.dtype {
-            Dtype::F16 => (bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect(), f16::from_f32(1e-5).to_f32()),
-            _ => (bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect(), bf16::from_f32(1e-5).to_f32()),
+            Dtype::F32 => (raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(), 1e-5),
+            Dtype::F16 => {
+                (le_u16(raw).iter().map(|&b| f16::from_bits(b).to_f32()).collect(), f16::from_f32(1e-5).to_f32())
+            }
+            _ => (le_u16(raw).iter().map(|&b| bf16::from_bits(b).to_f32()).collect(), bf16::from_f32(1e-5).to_f32()),
         };
         let scales = ScaleStats::of(&vals, floor);
         ins.scales.add(&scales);
         ins.levels.iter_mut().zip(levels).for_each(|(a, b)| *a += b);
+        ins.code_minus8 += levels[0];
         ins.quantized.push(QuantizedLayer {
             name: l.prefix.clone(),
             n: l.shape.n,
@@ -191,9 +207,10 @@ pub fn inspect(input: impl AsRef<Path>) -> Result<Inspection> {
             group_size: l.shape.group_size.to_checkpoint(),
             act_order: l.perm.is_some(),
             scale_dtype: l.scale_dtype.to_string(),
-            tensors: l.inputs.clone(),
+            tensors: l.inputs.iter().chain(&l.extra).cloned().collect(),
             levels,
             levels_used: levels[1..].iter().filter(|&&c| c > 0).count(),
+            code_minus8: levels[0],
             scales,
         });
     }

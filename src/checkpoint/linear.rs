@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::{GroupSize, QuantShape, PACK};
 use crate::reference::{marlin, quant};
 
+use super::fastrepack::{self, Packed};
 use super::source::Checkpoint;
 use super::stfile::{i32_le, le_i32, le_i64, le_u16, u16_le, Dtype, OutSpec, TensorInfo};
 
@@ -35,6 +36,10 @@ pub(crate) struct LinearMeta {
     pub perm: Option<Vec<i32>>,
     /// The input tensors this layer consumes.
     pub inputs: Vec<String>,
+    /// Tensors of the layer that conversions keep unchanged (`weight_shape`, GPTQ `qzeros`, a
+    /// trivial `g_idx`): copied into the output like plain tensors, so a round trip gives them
+    /// back with their original dtype and bytes.
+    pub extra: Vec<String>,
     /// Their total size.
     pub in_bytes: u64,
     /// The tensor holding the packed codes (its file decides where the outputs go).
@@ -111,7 +116,6 @@ fn resolve_group(
     Ok(shape)
 }
 
-/// Validates an act-order `g_idx` and returns `(g_idx, perm)`, or `None` when it is trivial.
 /// The optional act-order `g_idx` tensor `name` (i32 `[K]`): validated, recorded among the
 /// layer's `inputs`, and turned into `(g_idx, perm)` when it is not the trivial order.
 #[allow(clippy::type_complexity)]
@@ -121,15 +125,23 @@ fn optional_g_idx(
     role: &str,
     shape: &QuantShape,
     inputs: &mut Vec<String>,
+    extra: &mut Vec<String>,
 ) -> Result<(Option<Vec<i32>>, Option<Vec<i32>>)> {
     let Some((_, gt)) = ck.get(&name) else { return Ok((None, None)) };
     expect(ck, gt, &[Dtype::I32], 1, role)?;
     if gt.shape != [shape.k] {
         return Err(terr(ck, &name, format!("shape {:?} (expected [{}])", gt.shape, shape.k)));
     }
-    let ao = act_order(ck, &name, read_i32(ck, &name)?, shape)?;
-    inputs.push(name);
-    Ok(ao.map_or((None, None), |(g, p)| (Some(g), Some(p))))
+    match act_order(ck, &name, read_i32(ck, &name)?, shape)? {
+        Some((g, p)) => {
+            inputs.push(name);
+            Ok((Some(g), Some(p)))
+        }
+        None => {
+            extra.push(name);
+            Ok((None, None))
+        }
+    }
 }
 
 fn act_order(ck: &Checkpoint, name: &str, g_idx: Vec<i32>, shape: &QuantShape) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
@@ -161,7 +173,7 @@ pub(crate) fn probe_ct(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>) -> Resu
     let (_, scale) = ck.require(&scale_n, p)?;
     let (sf, st) = ck.require(&shape_n, p)?;
     expect(ck, packed, &[Dtype::I32], 2, "weight_packed")?;
-    expect(ck, scale, &[Dtype::BF16, Dtype::F16], 2, "weight_scale")?;
+    expect(ck, scale, &[Dtype::BF16, Dtype::F16, Dtype::F32], 2, "weight_scale")?;
     expect(ck, st, &[Dtype::I32, Dtype::I64], 1, "weight_shape")?;
     if st.shape != [2] {
         return Err(terr(ck, &shape_n, format!("shape {:?} (expected [2])", st.shape)));
@@ -186,8 +198,9 @@ pub(crate) fn probe_ct(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>) -> Resu
         return Err(terr(ck, &scale_n, format!("shape {:?} does not have N = {n} rows", scale.shape)));
     }
     let shape = resolve_group(ck, &scale_n, k, n, scale.shape[1], cfg)?;
-    let mut inputs = vec![packed_n.clone(), scale_n.clone(), shape_n];
-    let (g_idx, perm) = optional_g_idx(ck, gidx_n, "weight_g_idx", &shape, &mut inputs)?;
+    let mut inputs = vec![packed_n.clone(), scale_n.clone()];
+    let mut extra = vec![shape_n];
+    let (g_idx, perm) = optional_g_idx(ck, gidx_n, "weight_g_idx", &shape, &mut inputs, &mut extra)?;
     Ok(LinearMeta {
         prefix: p.to_string(),
         layout: Layout::Ct,
@@ -197,6 +210,7 @@ pub(crate) fn probe_ct(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>) -> Resu
         perm,
         in_bytes: bytes_of(ck, &inputs),
         inputs,
+        extra,
         codes_tensor: packed_n,
         scales_tensor: scale_n,
     })
@@ -214,7 +228,7 @@ pub(crate) fn probe_gptq(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>, v2: O
     let (_, sc) = ck.require(&sc_n, p)?;
     let (_, qz) = ck.require(&qz_n, p)?;
     expect(ck, qw, &[Dtype::I32], 2, "GPTQ qweight")?;
-    expect(ck, sc, &[Dtype::F16, Dtype::BF16], 2, "GPTQ scales")?;
+    expect(ck, sc, &[Dtype::F16, Dtype::BF16, Dtype::F32], 2, "GPTQ scales")?;
     expect(ck, qz, &[Dtype::I32], 2, "GPTQ qzeros")?;
     let (k, n) = (qw.shape[0] * PACK, qw.shape[1]);
     if k == 0 || n == 0 {
@@ -254,8 +268,9 @@ pub(crate) fn probe_gptq(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>, v2: O
         };
         return Err(terr(ck, &qz_n, why));
     }
-    let mut inputs = vec![qw_n.clone(), sc_n.clone(), qz_n];
-    let (g_idx, perm) = optional_g_idx(ck, gi_n, "GPTQ g_idx", &shape, &mut inputs)?;
+    let mut inputs = vec![qw_n.clone(), sc_n.clone()];
+    let mut extra = vec![qz_n];
+    let (g_idx, perm) = optional_g_idx(ck, gi_n, "GPTQ g_idx", &shape, &mut inputs, &mut extra)?;
     Ok(LinearMeta {
         prefix: p.to_string(),
         layout: Layout::Gptq,
@@ -265,10 +280,14 @@ pub(crate) fn probe_gptq(ck: &Checkpoint, p: &str, cfg: Option<GroupSize>, v2: O
         perm,
         in_bytes: bytes_of(ck, &inputs),
         inputs,
+        extra,
         codes_tensor: qw_n,
         scales_tensor: sc_n,
     })
 }
+
+/// Names (after `P.`) of the source tensors `repack` keeps beside the Marlin ones.
+const PASSTHROUGH: [&str; 4] = ["weight_shape", "weight_g_idx", "qzeros", "g_idx"];
 
 /// A lowbit Marlin layer.
 pub(crate) fn probe_marlin(ck: &Checkpoint, p: &str, group: GroupSize) -> Result<LinearMeta> {
@@ -311,6 +330,8 @@ pub(crate) fn probe_marlin(ck: &Checkpoint, p: &str, group: GroupSize) -> Result
         perm = Some(pv);
         inputs.push(pm_n);
     }
+    // Source tensors that repack kept unchanged.
+    let extra: Vec<String> = PASSTHROUGH.iter().map(|s| format!("{p}.{s}")).filter(|n| ck.get(n).is_some()).collect();
     Ok(LinearMeta {
         prefix: p.to_string(),
         layout: Layout::Marlin,
@@ -320,6 +341,7 @@ pub(crate) fn probe_marlin(ck: &Checkpoint, p: &str, group: GroupSize) -> Result
         perm,
         in_bytes: bytes_of(ck, &inputs),
         inputs,
+        extra,
         codes_tensor: qw_n,
         scales_tensor: sc_n,
     })
@@ -329,6 +351,9 @@ impl LinearMeta {
     /// Loads the codes and scales into compressed-tensors order.
     pub fn load(&self, ck: &Checkpoint) -> Result<QLinear> {
         let s = &self.shape;
+        if !matches!(self.scale_dtype, Dtype::BF16 | Dtype::F16) {
+            return Err(terr(ck, &self.scales_tensor, format!("{} scales are not supported here", self.scale_dtype)));
+        }
         let words = read_i32(ck, &self.codes_tensor)?;
         let scales = read_u16(ck, &self.scales_tensor)?;
         let e = |x: Error| terr(ck, &self.codes_tensor, x);
@@ -346,7 +371,13 @@ impl LinearMeta {
         })
     }
 
-    /// The compressed-tensors tensors of this layer.
+    fn has_extra(&self, suffix: &str) -> bool {
+        let name = format!("{}.{suffix}", self.prefix);
+        self.extra.contains(&name)
+    }
+
+    /// The compressed-tensors tensors of this layer (`weight_shape` only when the input does not
+    /// carry the source's own, which is then copied unchanged).
     pub fn ct_specs(&self) -> Vec<OutSpec> {
         let (p, s) = (&self.prefix, &self.shape);
         let mut v = vec![
@@ -356,31 +387,91 @@ impl LinearMeta {
                 dtype: self.scale_dtype,
                 shape: vec![s.n, s.groups_per_row()],
             },
-            OutSpec { name: format!("{p}.weight_shape"), dtype: Dtype::I32, shape: vec![2] },
         ];
+        if !self.has_extra("weight_shape") {
+            v.push(OutSpec { name: format!("{p}.weight_shape"), dtype: Dtype::I32, shape: vec![2] });
+        }
         if self.g_idx.is_some() {
             v.push(OutSpec { name: format!("{p}.weight_g_idx"), dtype: Dtype::I32, shape: vec![s.k] });
         }
         v
     }
 
-    /// Encodes a loaded layer as compressed-tensors.
+    /// Encodes a loaded layer as compressed-tensors (the tensors of [`ct_specs`](Self::ct_specs)).
     pub fn ct_tensors(&self, q: &QLinear) -> super::source::Tensors {
         let (p, s) = (&self.prefix, &self.shape);
-        let mut v = vec![
-            (format!("{p}.weight_packed"), i32_le(&q.packed)),
-            (format!("{p}.weight_scale"), u16_le(&q.scales)),
-            (format!("{p}.weight_shape"), i32_le(&[s.n as i32, s.k as i32])),
-        ];
+        let mut v =
+            vec![(format!("{p}.weight_packed"), i32_le(&q.packed)), (format!("{p}.weight_scale"), u16_le(&q.scales))];
+        if !self.has_extra("weight_shape") {
+            v.push((format!("{p}.weight_shape"), i32_le(&[s.n as i32, s.k as i32])));
+        }
         if let Some(g) = &self.g_idx {
             v.push((format!("{p}.weight_g_idx"), i32_le(g)));
         }
         v
     }
 
+    /// The GPTQ tensors of this layer (`qzeros` only when the input does not carry the source's
+    /// own; `v2` picks the zero-point convention then).
+    pub fn gptq_specs(&self) -> Vec<OutSpec> {
+        let (p, s) = (&self.prefix, &self.shape);
+        let mut v = vec![
+            OutSpec { name: format!("{p}.qweight"), dtype: Dtype::I32, shape: vec![s.k / PACK, s.n] },
+            OutSpec { name: format!("{p}.scales"), dtype: self.scale_dtype, shape: vec![s.groups_per_row(), s.n] },
+        ];
+        if !self.has_extra("qzeros") {
+            v.push(OutSpec {
+                name: format!("{p}.qzeros"),
+                dtype: Dtype::I32,
+                shape: vec![s.groups_per_row(), s.n / PACK],
+            });
+        }
+        if self.g_idx.is_some() {
+            v.push(OutSpec { name: format!("{p}.g_idx"), dtype: Dtype::I32, shape: vec![s.k] });
+        }
+        v
+    }
+
+    /// Encodes a loaded layer as GPTQ (the tensors of [`gptq_specs`](Self::gptq_specs)).
+    pub fn gptq_tensors(&self, ck: &Checkpoint, q: &QLinear, v2: bool) -> Result<super::source::Tensors> {
+        let (p, s) = (&self.prefix, &self.shape);
+        let e = |x: Error| terr(ck, &self.codes_tensor, x);
+        let mut v = vec![
+            (format!("{p}.qweight"), i32_le(&quant::ct_to_gptq(&q.packed, s).map_err(e)?)),
+            (format!("{p}.scales"), u16_le(&quant::transpose(&q.scales, s.n, s.groups_per_row()).map_err(e)?)),
+        ];
+        if !self.has_extra("qzeros") {
+            let z = if v2 { QZEROS_V2 } else { QZEROS_V1 };
+            v.push((format!("{p}.qzeros"), i32_le(&vec![z; s.groups_per_row() * (s.n / PACK)])));
+        }
+        if let Some(g) = &self.g_idx {
+            v.push((format!("{p}.g_idx"), i32_le(g)));
+        }
+        Ok(v)
+    }
+
+    /// Marlin needs 16-bit scales; an error explaining why otherwise.
+    fn check_marlin_scales(&self, ck: &Checkpoint) -> Result<()> {
+        if matches!(self.scale_dtype, Dtype::BF16 | Dtype::F16) {
+            return Ok(());
+        }
+        Err(terr(
+            ck,
+            &self.scales_tensor,
+            format!(
+                "{} scales cannot be repacked: the Marlin kernel multiplies each code by a 16-bit scale in the \
+                 activation dtype (BF16 or F16), and rounding these scales to 16 bits would change every \
+                 dequantized weight. Quantize the original weights with `lowbit quantize` (BF16 scales), or \
+                 convert the scales to BF16/F16 deliberately before repacking",
+                self.scale_dtype
+            ),
+        ))
+    }
+
     /// The Marlin tensors of this layer (checks the layout's shape limits).
     pub fn marlin_specs(&self, ck: &Checkpoint) -> Result<Vec<OutSpec>> {
         let (p, s) = (&self.prefix, &self.shape);
+        self.check_marlin_scales(ck)?;
         marlin::check_marlin_shape("repack", s.k, s.n).map_err(|e| terr(ck, &self.codes_tensor, e))?;
         let mut v = vec![
             OutSpec { name: format!("{p}.qweight"), dtype: Dtype::I32, shape: vec![s.k / marlin::TILE_K, 2 * s.n] },
@@ -390,6 +481,60 @@ impl LinearMeta {
             v.push(OutSpec { name: format!("{p}.perm"), dtype: Dtype::I32, shape: vec![s.k] });
         }
         Ok(v)
+    }
+
+    /// The Marlin tensors of this layer, straight from the input bytes ([`fastrepack`]) when it
+    /// has no act-order, else through [`load`](Self::load) and the reference.
+    pub fn marlin_tensors_direct(&self, ck: &Checkpoint) -> Result<super::source::Tensors> {
+        let from = match (self.layout, &self.perm) {
+            (Layout::Ct, None) => Packed::Ct,
+            (Layout::Gptq, None) => Packed::Gptq,
+            _ => return self.marlin_tensors(ck, &self.load(ck)?),
+        };
+        self.check_marlin_scales(ck)?;
+        let (p, s) = (&self.prefix, &self.shape);
+        let e = |x: Error| terr(ck, &self.codes_tensor, x);
+        let (f, t) = ck.get(&self.codes_tensor).ok_or_else(|| terr(ck, &self.codes_tensor, "missing"))?;
+        let qw = fastrepack::to_marlin(f.bytes(t), from, s.k, s.n).map_err(e)?;
+        let scales = read_u16(ck, &self.scales_tensor)?;
+        let g = match from {
+            Packed::Ct => quant::transpose(&scales, s.n, s.groups_per_row()).map_err(e)?,
+            Packed::Gptq => scales,
+        };
+        let sc = marlin::marlin_permute_scales(&g, s.k, s.n, s.group).map_err(e)?;
+        Ok(vec![(format!("{p}.qweight"), qw), (format!("{p}.scales"), u16_le(&sc))])
+    }
+
+    /// Restores a Marlin layer without act-order straight from its bytes: `Some` tensors in the
+    /// `to` layout (as [`ct_tensors`](Self::ct_tensors) / [`gptq_tensors`](Self::gptq_tensors)),
+    /// or `None` when the layer needs the general path.
+    pub fn restore_direct(&self, ck: &Checkpoint, gptq: bool, v2: bool) -> Result<Option<super::source::Tensors>> {
+        if self.layout != Layout::Marlin || self.perm.is_some() {
+            return Ok(None);
+        }
+        let (p, s) = (&self.prefix, &self.shape);
+        let e = |x: Error| terr(ck, &self.codes_tensor, x);
+        let (f, t) = ck.get(&self.codes_tensor).ok_or_else(|| terr(ck, &self.codes_tensor, "missing"))?;
+        let to = if gptq { Packed::Gptq } else { Packed::Ct };
+        let codes = fastrepack::from_marlin(f.bytes(t), to, s.k, s.n).map_err(e)?;
+        let scales = read_u16(ck, &self.scales_tensor)?;
+        let g = marlin::marlin_unpermute_scales(&scales, s.k, s.n, s.group).map_err(e)?;
+        let mut v = Vec::new();
+        if gptq {
+            v.push((format!("{p}.qweight"), codes));
+            v.push((format!("{p}.scales"), u16_le(&g)));
+            if !self.has_extra("qzeros") {
+                let z = if v2 { QZEROS_V2 } else { QZEROS_V1 };
+                v.push((format!("{p}.qzeros"), i32_le(&vec![z; s.groups_per_row() * (s.n / PACK)])));
+            }
+        } else {
+            v.push((format!("{p}.weight_packed"), codes));
+            v.push((format!("{p}.weight_scale"), u16_le(&quant::transpose(&g, s.groups_per_row(), s.n).map_err(e)?)));
+            if !self.has_extra("weight_shape") {
+                v.push((format!("{p}.weight_shape"), i32_le(&[s.n as i32, s.k as i32])));
+            }
+        }
+        Ok(Some(v))
     }
 
     /// Encodes a loaded layer in the Marlin layout.

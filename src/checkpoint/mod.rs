@@ -18,9 +18,14 @@
 //! Outputs are always directories. They are written into `OUT.partial-<pid>` and renamed to `OUT`
 //! only when complete; on any error the partial directory is removed, so a failed or interrupted
 //! run never leaves something that looks like a finished checkpoint. `OUT` must not exist.
+//! [`install_interrupt_cleanup`] makes SIGINT/SIGTERM remove the partial directory too, and a
+//! later run removes stale partial directories of processes that no longer exist.
 
 pub mod config;
+mod fastquant;
+mod fastrepack;
 mod inspect;
+mod jsontext;
 mod linear;
 mod ops;
 mod source;
@@ -35,12 +40,51 @@ pub use ops::{
     quantize_checkpoint, quantize_checkpoint_with, repack_checkpoint, repack_checkpoint_with, restore_checkpoint,
     restore_checkpoint_with,
 };
+#[cfg(unix)]
+pub use signals::install_interrupt_cleanup;
+pub use source::remove_partials;
 
 use crate::error::{Error, Result};
 use crate::format::GroupSize;
 use config::QuantConfig;
 use linear::LinearMeta;
 use source::Checkpoint;
+
+#[cfg(unix)]
+mod signals {
+    /// Makes SIGINT and SIGTERM remove every `OUT.partial-<pid>` directory this process is
+    /// writing, then exit with 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process killed
+    /// by that signal. Call it once, at the start of `main` and before any other thread exists
+    /// (the signals are blocked in the calling thread, and so in every thread started after it; a
+    /// dedicated thread waits for them). Returns false when the signal mask could not be set.
+    pub fn install_interrupt_cleanup() -> bool {
+        // SAFETY: plain libc calls on a zero-initialised sigset_t owned by this function.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return false;
+            }
+            let spawned = std::thread::Builder::new().name("lowbit-signals".into()).spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                if libc::sigwait(&set, &mut sig) == 0 {
+                    super::source::remove_partials();
+                    let code = if sig == libc::SIGINT { 130 } else { 143 };
+                    let name = if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+                    eprintln!("lowbit: interrupted ({name}); the partial output was removed");
+                    std::process::exit(code);
+                }
+            });
+            if spawned.is_err() {
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                return false;
+            }
+        }
+        true
+    }
+}
 
 /// The weight format of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -139,6 +183,9 @@ pub struct Report {
     pub bytes_written: u64,
     /// Where the work ran (`cpu`, or the GPU's name).
     pub device: String,
+    /// Stale `OUT.partial-<pid>` directories of processes that no longer exist, found next to
+    /// the output and removed.
+    pub removed_stale: Vec<String>,
 }
 
 /// Progress of a long conversion (the CLI draws a bar with it).

@@ -32,12 +32,25 @@ pub(crate) struct Checkpoint {
     pub quant: Option<(QuantConfig, Value)>,
     /// Other small files of the directory (tokenizer, generation config...), copied unchanged.
     pub extra_files: Vec<PathBuf>,
+    /// The text of `config.json`, so outputs keep its bytes except `quantization_config`.
+    pub config_text: Option<String>,
+    /// Unknown `quantization_config` keys accepted because their value is null, empty or false.
+    pub ignored_keys: Vec<config::IgnoredKey>,
+    /// The input index's `metadata` object (without `total_size`), kept in outputs.
+    pub index_metadata: serde_json::Map<String, Value>,
+    /// The input index's `metadata.total_size`, if any.
+    pub index_total_size: Option<Value>,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
+    read_json_text(path).map(|(v, _)| v)
+}
+
+fn read_json_text(path: &Path) -> Result<(Value, String)> {
     let display = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(Error::io(&display))?;
-    serde_json::from_str(&text).map_err(|e| Error::checkpoint(&display, format!("not valid JSON: {e}")))
+    let v = serde_json::from_str(&text).map_err(|e| Error::checkpoint(&display, format!("not valid JSON: {e}")))?;
+    Ok((v, text))
 }
 
 impl Checkpoint {
@@ -54,6 +67,10 @@ impl Checkpoint {
             config_path: String::new(),
             quant: None,
             extra_files: Vec::new(),
+            config_text: None,
+            ignored_keys: Vec::new(),
+            index_metadata: Default::default(),
+            index_total_size: None,
         };
         if meta.is_file() {
             ck.add_file(SafeFile::open(path)?)?;
@@ -98,6 +115,11 @@ impl Checkpoint {
                 map.insert(t.clone(), f.to_string());
             }
             shard_names.sort();
+            if let Some(md) = v.get("metadata").and_then(Value::as_object) {
+                let mut md = md.clone();
+                ck.index_total_size = md.remove("total_size");
+                ck.index_metadata = md;
+            }
             ck.index_name = Some(index.clone());
             weight_map = Some(map);
         } else {
@@ -134,20 +156,26 @@ impl Checkpoint {
         let cfg_path = path.join("config.json");
         if cfg_path.is_file() {
             ck.config_path = cfg_path.display().to_string();
-            let cfg = read_json(&cfg_path)?;
+            let (cfg, text) = read_json_text(&cfg_path)?;
             if !cfg.is_object() {
                 return Err(Error::checkpoint(&ck.config_path, "config.json is not a JSON object"));
             }
-            if let Some(qc) = cfg.get("quantization_config") {
-                ck.quant = Some((config::parse(&ck.config_path, qc)?, qc.clone()));
+            // `"quantization_config": null` (some exporters write it) means not quantized.
+            if let Some(qc) = cfg.get("quantization_config").filter(|v| !v.is_null()) {
+                let (parsed, ignored) = config::parse_noting(&ck.config_path, qc)?;
+                ck.quant = Some((parsed, qc.clone()));
+                ck.ignored_keys = ignored;
             }
             ck.config = Some(cfg);
+            ck.config_text = Some(text);
         }
         let qcfg_path = path.join("quantize_config.json");
         if ck.quant.is_none() && qcfg_path.is_file() {
             let p = qcfg_path.display().to_string();
             let qc = read_json(&qcfg_path)?;
-            ck.quant = Some((config::parse(&p, &qc)?, qc));
+            let (parsed, ignored) = config::parse_noting(&p, &qc)?;
+            ck.quant = Some((parsed, qc));
+            ck.ignored_keys = ignored;
             ck.config_path = p;
         }
         let skip = |n: &str| {
@@ -211,16 +239,64 @@ impl Checkpoint {
     }
 }
 
+/// Partial output directories of this process that are being written (so an interrupt can
+/// remove them).
+static PARTIALS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes every `OUT.partial-<pid>` directory this process is writing. Called by the `lowbit`
+/// command's SIGINT/SIGTERM handler before it exits; safe to call from any thread.
+pub fn remove_partials() {
+    let dirs = match PARTIALS.lock() {
+        Ok(mut g) => std::mem::take(&mut *g),
+        Err(p) => std::mem::take(&mut *p.into_inner()),
+    };
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+fn register(p: &Path, add: bool) {
+    let mut g = match PARTIALS.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if add {
+        g.push(p.to_path_buf());
+    } else {
+        g.retain(|x| x != p);
+    }
+}
+
+/// Whether process `pid` exists (on Unix; elsewhere every process is assumed alive).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// An output directory being written: `OUT.partial-<pid>`, renamed to `OUT` by
-/// [`commit`](Self::commit) and removed if dropped before that (on any error or panic).
+/// [`commit`](Self::commit) and removed if dropped before that (on any error or panic), or by
+/// [`remove_partials`] on an interrupt.
 pub(crate) struct OutDir {
     target: PathBuf,
     tmp: PathBuf,
     committed: bool,
+    /// Partial directories of dead processes that were found next to `OUT` and removed.
+    pub removed_stale: Vec<String>,
 }
 
 impl OutDir {
-    /// Refuses an existing `out`; creates the temporary directory next to it.
+    /// Refuses an existing `out`; removes stale `OUT.partial-<pid>` directories of processes
+    /// that no longer exist; creates the temporary directory next to it.
     pub fn create(out: &Path) -> Result<Self> {
         let display = out.display().to_string();
         if out.exists() {
@@ -231,15 +307,29 @@ impl OutDir {
             .ok_or_else(|| Error::checkpoint(&display, "the output path has no final component"))?
             .to_string_lossy()
             .into_owned();
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
             std::fs::create_dir_all(parent).map_err(Error::io(parent.display()))?;
+        }
+        let mut removed_stale = Vec::new();
+        let prefix = format!("{name}.partial-");
+        if let Ok(entries) = std::fs::read_dir(parent.unwrap_or(Path::new("."))) {
+            for e in entries.flatten() {
+                let fname = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+                if pid != std::process::id() && !process_alive(pid) && e.path().is_dir() {
+                    std::fs::remove_dir_all(e.path()).map_err(Error::io(e.path().display()))?;
+                    removed_stale.push(e.path().display().to_string());
+                }
+            }
         }
         let tmp = out.with_file_name(format!("{name}.partial-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(Error::io(tmp.display()))?;
         }
         std::fs::create_dir(&tmp).map_err(Error::io(tmp.display()))?;
-        Ok(OutDir { target: out.to_path_buf(), tmp, committed: false })
+        register(&tmp, true);
+        Ok(OutDir { target: out.to_path_buf(), tmp, committed: false, removed_stale })
     }
 
     /// The temporary directory everything is written into.
@@ -254,6 +344,7 @@ impl OutDir {
         }
         std::fs::rename(&self.tmp, &self.target).map_err(Error::io(self.target.display()))?;
         self.committed = true;
+        register(&self.tmp, false);
         Ok(())
     }
 }
@@ -262,6 +353,7 @@ impl Drop for OutDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
+            register(&self.tmp, false);
         }
     }
 }
@@ -280,6 +372,8 @@ pub(crate) enum Item<'a> {
     Job {
         /// What to show in progress and errors.
         label: String,
+        /// The input tensors it reads (released from memory once it is done).
+        inputs: Vec<String>,
         /// Input bytes it reads (for progress and batching).
         in_bytes: u64,
         /// The tensors it produces.
@@ -297,13 +391,19 @@ pub(crate) struct FilePlan<'a> {
     pub metadata: BTreeMap<String, String>,
     /// Its contents.
     pub items: Vec<Item<'a>>,
+    /// Tensor names to lay out first, in this order (see `Writer::create_ordered`).
+    pub order: Vec<String>,
 }
 
 /// A whole output checkpoint.
 pub(crate) struct Plan<'a> {
     pub files: Vec<FilePlan<'a>>,
-    /// `config.json` to write (None: copy the input's, if any).
-    pub config: Option<Value>,
+    /// The text of `config.json` to write (None: copy the input's bytes, if any).
+    pub config: Option<String>,
+    /// The output index's `metadata` besides `total_size`.
+    pub index_metadata: serde_json::Map<String, Value>,
+    /// The output index's `total_size` (None: the size of the tensors written).
+    pub index_total_size: Option<Value>,
     /// Names of extra input files not to copy.
     pub skip_extra: Vec<String>,
     /// Run jobs in parallel batches of at most this many input bytes (0: one job at a time).
@@ -315,12 +415,14 @@ pub(crate) struct Plan<'a> {
 pub(crate) struct Written {
     pub tensors: usize,
     pub bytes: u64,
+    /// Stale partial directories of dead processes that were removed.
+    pub removed_stale: Vec<String>,
 }
 
 /// Writes `plan` into `out` atomically.
 pub(crate) fn write(ck: &Checkpoint, out: &Path, plan: Plan<'_>, progress: &mut dyn Progress) -> Result<Written> {
     let dir = OutDir::create(out)?;
-    let mut stats = Written::default();
+    let mut stats = Written { removed_stale: dir.removed_stale.clone(), ..Written::default() };
     let total_items: usize = plan.files.iter().map(|f| f.items.len()).sum();
     let in_bytes = |it: &Item| match it {
         Item::Copy(n) => ck.get(n).map_or(0, |(_, t)| t.nbytes() as u64),
@@ -348,7 +450,7 @@ pub(crate) fn write(ck: &Checkpoint, out: &Path, plan: Plan<'_>, progress: &mut 
             stats.bytes += s.nbytes() as u64;
         }
         stats.tensors += specs.len();
-        let mut w = Writer::create(&path, specs, &fp.metadata)?;
+        let mut w = Writer::create_ordered(&path, specs, &fp.metadata, &fp.order)?;
         // Batches of consecutive items, computed in parallel, written in order.
         let mut i = 0;
         while i < fp.items.len() {
@@ -374,10 +476,17 @@ pub(crate) fn write(ck: &Checkpoint, out: &Path, plan: Plan<'_>, progress: &mut 
                         let (f, t) = ck
                             .get(n)
                             .ok_or_else(|| Error::checkpoint(ck.root.display(), format!("tensor `{n}` is missing")))?;
-                        w.write(n, f.bytes(t))?;
+                        let (file, offset, _) = f.range(t);
+                        w.copy_from(n, file, offset, f.bytes(t))?;
+                        f.release(t);
                         progress.advance(n, t.nbytes() as u64);
                     }
-                    (Item::Job { label, in_bytes, outputs, .. }, Some(tensors)) => {
+                    (Item::Job { label, in_bytes, outputs, inputs, .. }, Some(tensors)) => {
+                        for n in inputs {
+                            if let Some((f, t)) = ck.get(n) {
+                                f.release(t);
+                            }
+                        }
                         if tensors.len() != outputs.len() {
                             return Err(Error::checkpoint(
                                 path.display(),
@@ -397,11 +506,16 @@ pub(crate) fn write(ck: &Checkpoint, out: &Path, plan: Plan<'_>, progress: &mut 
         w.finish()?;
     }
     if let Some(index) = &ck.index_name {
-        let v = serde_json::json!({ "metadata": { "total_size": stats.bytes }, "weight_map": weight_map });
+        let mut md = plan.index_metadata.clone();
+        md.insert("total_size".into(), plan.index_total_size.clone().unwrap_or_else(|| stats.bytes.into()));
+        let v = serde_json::json!({ "metadata": md, "weight_map": weight_map });
         write_json(&dir.path().join(index), &v)?;
     }
-    match (&plan.config, &ck.config) {
-        (Some(cfg), _) | (None, Some(cfg)) => write_json(&dir.path().join("config.json"), cfg)?,
+    match (&plan.config, &ck.config_text) {
+        (Some(text), _) | (None, Some(text)) => {
+            let p = dir.path().join("config.json");
+            std::fs::write(&p, text).map_err(Error::io(p.display()))?
+        }
         (None, None) => {}
     }
     for src in &ck.extra_files {

@@ -302,6 +302,7 @@ pub struct SafeFile {
     /// The validated header.
     pub header: Header,
     by_name: HashMap<String, usize>,
+    file: File,
 }
 
 impl fmt::Debug for SafeFile {
@@ -331,7 +332,7 @@ impl SafeFile {
         let (h, _) = split_file(&display, bytes)?;
         let data_start = 8 + h.len();
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafeFile { path: path.to_path_buf(), display, storage, data_start, header, by_name })
+        Ok(SafeFile { path: path.to_path_buf(), display, storage, data_start, header, by_name, file })
     }
 
     /// The file's path.
@@ -358,6 +359,47 @@ impl SafeFile {
         // Validated at open: begin <= end <= data length.
         all.get(self.data_start + t.begin..self.data_start + t.end).unwrap_or(&[])
     }
+}
+
+impl SafeFile {
+    /// The open file and the absolute byte range of tensor `t` in it.
+    pub fn range(&self, t: &TensorInfo) -> (&File, u64, usize) {
+        (&self.file, (self.data_start + t.begin) as u64, t.nbytes())
+    }
+
+    /// Tells the kernel that this process no longer needs the pages holding tensor `t`, so they
+    /// leave its resident set (they stay in the page cache; a later read faults them back in).
+    /// Only pages that lie entirely inside the tensor are released. Best effort: errors are
+    /// ignored, and it does nothing where `madvise` is unavailable.
+    pub fn release(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        if let Storage::Map(m) = &self.storage {
+            const PAGE: usize = 4096;
+            let (start, end) = (self.data_start + t.begin, self.data_start + t.end);
+            let first = start.div_ceil(PAGE) * PAGE;
+            let last = end / PAGE * PAGE;
+            if last > first && last <= m.len() {
+                // SAFETY: the map is a read-only file mapping: MADV_DONTNEED only drops this
+                // process's page-table entries; the contents stay those of the file, so every
+                // later access through `bytes` reads the same data (from the page cache or disk).
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+}
+
+/// The tensor names of `header` in data order, or `None` when that is already the official
+/// writer's order (dtype descending, then name), as for every file written by `safetensors`'
+/// `serialize` / `save_file`.
+pub fn custom_order(header: &Header) -> Option<Vec<String>> {
+    let mut by_data: Vec<&TensorInfo> = header.tensors.iter().collect();
+    by_data.sort_by_key(|t| (t.begin, t.end));
+    let mut canonical: Vec<&TensorInfo> = header.tensors.iter().collect();
+    canonical.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+    let same = by_data.iter().zip(&canonical).all(|(a, b)| a.name == b.name);
+    (!same).then(|| by_data.into_iter().map(|t| t.name.clone()).collect())
 }
 
 /// Little-endian bytes → i32.
@@ -437,30 +479,61 @@ pub fn encode_header(specs: &[OutSpec], metadata: &BTreeMap<String, String>) -> 
 }
 
 /// Writes one safetensors file whose tensor list is known up front; tensors may then be supplied
-/// in any order. Tensors are laid out largest element size first, then by name (the order the
-/// Python writer uses, which keeps every tensor aligned to its element size).
+/// in any order. Tensors are laid out in the order of the official writer (`safetensors.serialize`,
+/// used by `save_file` and `save_pretrained`): dtype in descending order of its enum (U64, I64,
+/// F64, F32, U32, I32, BF16, F16, ...: largest element size first, which keeps every tensor
+/// aligned), then by name. A file written by the Python tools therefore comes back byte for byte.
 pub struct Writer {
     path: String,
     file: File,
     data_start: u64,
     slots: HashMap<String, (usize, usize, usize)>,
     written: Vec<bool>,
+    /// Bytes written since writeback was last started.
+    unflushed: usize,
 }
+
+/// Start writing dirty pages back every this many bytes, so the disk works while the next tensors
+/// are computed and the final `fsync` has little left to wait for.
+const WRITEBACK_BYTES: usize = 32 << 20;
 
 impl Writer {
     /// Creates `path` and writes the header for `specs`.
-    pub fn create(path: &Path, mut specs: Vec<OutSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn create(path: &Path, specs: Vec<OutSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+        Self::create_ordered(path, specs, metadata, &[])
+    }
+
+    /// [`create`](Self::create), but the tensors named in `order` come first, in that order (the
+    /// data order of a source file written by another writer, so `restore` gives it back byte for
+    /// byte); the others follow in the official writer's order.
+    pub fn create_ordered(
+        path: &Path,
+        mut specs: Vec<OutSpec>,
+        metadata: &BTreeMap<String, String>,
+        order: &[String],
+    ) -> Result<Self> {
         let display = path.display().to_string();
-        specs.sort_by(|a, b| b.dtype.size().cmp(&a.dtype.size()).then_with(|| a.name.cmp(&b.name)));
+        specs.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
         if let Some(w) = specs.windows(2).find(|w| w[0].name == w[1].name) {
             return Err(Error::checkpoint(&display, format!("tensor `{}` would be written twice", w[0].name)));
+        }
+        if !order.is_empty() {
+            let rank: HashMap<&str, usize> = order.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+            specs.sort_by_key(|s| rank.get(s.name.as_str()).copied().unwrap_or(usize::MAX));
         }
         let (header, ranges) = encode_header(&specs, metadata);
         let mut file = File::create(path).map_err(Error::io(&display))?;
         file.write_all(&header).map_err(Error::io(&display))?;
         let slots =
             specs.iter().zip(&ranges).enumerate().map(|(i, (s, &(b, e)))| (s.name.clone(), (i, b, e))).collect();
-        Ok(Writer { path: display, file, data_start: header.len() as u64, slots, written: vec![false; specs.len()] })
+        Ok(Writer {
+            path: display,
+            file,
+            data_start: header.len() as u64,
+            slots,
+            written: vec![false; specs.len()],
+            unflushed: 0,
+        })
     }
 
     /// Writes the data of tensor `name` (whose size must match its declaration).
@@ -481,7 +554,68 @@ impl Writer {
         self.file.seek(SeekFrom::Start(self.data_start + b as u64)).map_err(Error::io(&self.path))?;
         self.file.write_all(bytes).map_err(Error::io(&self.path))?;
         self.written[i] = true;
+        self.wrote(bytes.len());
         Ok(())
+    }
+
+    /// Starts asynchronous writeback of the file's dirty pages once enough accumulated (Linux
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait; `finish` still fsyncs).
+    fn wrote(&mut self, n: usize) {
+        self.unflushed += n;
+        if self.unflushed < WRITEBACK_BYTES {
+            return;
+        }
+        self.unflushed = 0;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open descriptor; the call only schedules writeback.
+            let _ = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+    }
+
+    /// Writes the data of tensor `name` by copying `len` bytes at `offset` of `src` inside the
+    /// kernel (`copy_file_range`: no copy through this process's memory), falling back to a plain
+    /// write of `fallback` where that is not possible.
+    pub fn copy_from(&mut self, name: &str, src: &File, offset: u64, fallback: &[u8]) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let &(i, b, e) = self
+                .slots
+                .get(name)
+                .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor `{name}` was not declared")))?;
+            if fallback.len() == e - b && !self.written[i] {
+                let mut off_in = offset as libc::loff_t;
+                let mut off_out = (self.data_start + b as u64) as libc::loff_t;
+                let mut left = e - b;
+                while left > 0 {
+                    // SAFETY: both descriptors are open for the duration of the call and the
+                    // offsets are plain integers owned by this frame.
+                    let r = unsafe {
+                        libc::copy_file_range(
+                            src.as_raw_fd(),
+                            &mut off_in,
+                            self.file.as_raw_fd(),
+                            &mut off_out,
+                            left,
+                            0,
+                        )
+                    };
+                    if r <= 0 {
+                        break;
+                    }
+                    left -= r as usize;
+                }
+                if left == 0 {
+                    self.written[i] = true;
+                    self.wrote(e - b);
+                    return Ok(());
+                }
+            }
+        }
+        let _ = (src, offset);
+        self.write(name, fallback)
     }
 
     /// Checks that every declared tensor was written and flushes the file to disk.

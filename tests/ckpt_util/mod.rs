@@ -181,7 +181,7 @@ pub fn make_model(dir: &Path, sharded: bool) {
         write_st(&dir.join(names[1]), shard2, md);
         write_json(
             &dir.join("model.safetensors.index.json"),
-            &serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": map }),
+            &serde_json::json!({ "metadata": { "total_parameters": 123456, "total_size": 0 }, "weight_map": map }),
         );
     } else {
         shard1.extend(shard2);
@@ -218,4 +218,86 @@ pub fn assert_no_partials(dir: &Path) {
         let n = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(!n.contains(".partial-"), "left behind: {n}");
     }
+}
+
+/// The `quantization_config` GPTQModel 7.7 writes for 4-bit GPTQ (from its
+/// `QuantizeConfig.to_dict`: `method` and `quant_method`, `format` and `checkpoint_format`,
+/// `pack_dtype`, `lm_head`, the `meta` block; keys whose value is None or `{}` are dropped).
+pub fn gptqmodel7_config(group_size: i64, desc_act: bool, v2: bool) -> serde_json::Value {
+    let fmt = if v2 { "gptq_v2" } else { "gptq" };
+    serde_json::json!({
+        "bits": 4,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "lm_head": false,
+        "method": "gptq",
+        "quant_method": "gptq",
+        "format": fmt,
+        "checkpoint_format": fmt,
+        "pack_dtype": "int32",
+        "meta": {
+            "quantizer": ["gptqmodel:7.7.0"],
+            "uri": "https://github.com/modelcloud/gptqmodel",
+            "damp_percent": 0.05,
+            "damp_auto_increment": 0.01,
+            "static_groups": false,
+            "true_sequential": true,
+            "mse": 0.0,
+            "act_group_aware": !desc_act,
+            "fallback": { "strategy": "rtn", "threshold": "0.5%", "smooth": null },
+            "offload_to_disk": true,
+            "telemetry": { "device": false },
+            "offload_to_disk_path": "./gptqmodel_offload/abcd/",
+            "pack_impl": "cpu",
+            "gc_mode": "interval",
+            "wait_for_submodule_finalizers": false,
+            "auto_forward_data_parallel": true,
+            "dense_vram_strategy": "exclusive",
+            "dense_vram_strategy_devices": null,
+            "moe_vram_strategy": "exclusive",
+            "moe_vram_strategy_devices": null
+        },
+        "sym": true
+    })
+}
+
+/// A `config.json` as compressed-tensors 0.20.1 writes it (`ModelCompressor.update_config`:
+/// `json.dump(indent=2, sort_keys=True)`, no trailing newline) for a tiny Llama, with the
+/// `quantization_config` of a symmetric INT4 `pack-quantized` group (or channel) scheme.
+pub fn ct020_config(group_size: Option<usize>) -> serde_json::Value {
+    let (strategy, gs) = match group_size {
+        Some(g) => ("group", serde_json::json!(g)),
+        None => ("channel", serde_json::Value::Null),
+    };
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "dtype": "bfloat16",
+        "hidden_size": 128,
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-06,
+        "quantization_config": {
+            "config_groups": { "group_0": {
+                "format": "pack-quantized",
+                "input_activations": null,
+                "output_activations": null,
+                "targets": ["Linear"],
+                "weights": {
+                    "dynamic": false, "group_size": gs, "num_bits": 4, "strategy": strategy,
+                    "symmetric": true, "type": "int"
+                }
+            } },
+            "format": "pack-quantized",
+            "global_compression_ratio": null,
+            "ignore": ["lm_head"],
+            "kv_cache_scheme": null,
+            "moe_sparsity_config": null,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": "0.20.1"
+        },
+        "transformers_version": "5.24.0"
+    })
 }
