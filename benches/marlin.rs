@@ -7,6 +7,7 @@
 //! Run: `cargo bench --bench marlin` (on the GPU machine: `bash .gpu/run.sh --benches`), then
 //! `python3 benches/peers_marlin.py` for cuBLAS bf16 and tinygemm on the same shapes.
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use lowbit::format::{GroupSize, QuantShape};
 use lowbit::marlin::gemm::{marlin_gemm_into, plan_gemm, MarlinWorkspace};
@@ -20,8 +21,8 @@ const MS: [usize; 6] = [1, 16, 64, 256, 1024, 4096];
 
 fn time_ms(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
     let ctx = dev.context();
-    let start = ctx.new_event(None).expect("event");
-    let end = ctx.new_event(None).expect("event");
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
     start.record(dev.stream()).expect("record");
     for _ in 0..iters {
         f();

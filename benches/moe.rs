@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use lowbit::format::GroupSize;
 use lowbit::marlin::gemm::MarlinExperts;
@@ -28,8 +29,8 @@ fn cuda(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> lowbit:
 /// Mean seconds per call of `f(i)` over `iters` calls, after one warm-up call.
 fn timed(dev: &Device, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
     let ctx = dev.context();
-    let start = ctx.new_event(None).map_err(cuda("cuEventCreate"))?;
-    let end = ctx.new_event(None).map_err(cuda("cuEventCreate"))?;
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda("cuEventCreate"))?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda("cuEventCreate"))?;
     f(0)?;
     dev.synchronize()?;
     start.record(dev.stream()).map_err(cuda("cuEventRecord"))?;

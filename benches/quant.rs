@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use lowbit::format::{GroupSize, QuantShape};
 use lowbit::quant::{self, FakeQuantOptions};
@@ -19,8 +20,8 @@ const ROTATE_BYTES: usize = 512 << 20;
 
 fn event_time(dev: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
     let ctx = dev.context();
-    let start = ctx.new_event(None).expect("event");
-    let end = ctx.new_event(None).expect("event");
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
     f(); // warm-up: module load, allocations
     start.record(dev.stream()).expect("record");
     for _ in 0..iters {

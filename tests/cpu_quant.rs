@@ -1,5 +1,10 @@
 //! CPU reference tests for the INT4 QAT grid (DESIGN §3): the consistency property, rounding,
 //! edge cases, formats and bad input. Runs everywhere.
+//!
+//! The sequential CPU emulation of the kernels' index arithmetic that used to live here is retired
+//! (DESIGN §7): `tests/gpu_quant.rs` on lowbit-sim runs the real kernels, bit for bit against these
+//! references, with the simulator's bounds, race, barrier and initialisation checks on every
+//! launch.
 
 use lowbit::format::{self, GroupSize, QuantShape};
 use lowbit::reference::quant::{self as rq, SteMode};
@@ -157,119 +162,4 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(rq::quantize::<bf16, bf16>(&w, &shape), Err(Error::NonFinite { row: 1, col: 6, .. })));
     let (packed, scales) = rq::quantize_pack::<bf16, bf16>(&vec![bf16::ONE; 128], &shape).unwrap();
     assert!(matches!(rq::dequantize::<bf16, bf16>(&packed[1..], &scales, &shape), Err(Error::Length { .. })));
-}
-
-/// Sequential CPU emulation of `csrc/quant/quant.cu`'s fused forward kernels: the grouped
-/// kernel (grid-stride over 8-element chunks, `g/8`-lane shuffle groups, the group's first lane
-/// writes the scale) and the block-per-group rowwise kernel, with the kernel's launch shapes from
-/// `src/quant/mod.rs`. Compared bit for bit with the reference; every output written once.
-mod kernel_emulation {
-    use super::*;
-
-    const THREADS: usize = 256;
-
-    struct Outputs {
-        fq: Vec<Option<u32>>,
-        packed: Vec<Option<i32>>,
-        scales: Vec<Option<u32>>,
-    }
-
-    fn put<X: Copy + PartialEq + std::fmt::Debug>(v: &mut [Option<X>], i: usize, x: X, what: &str) {
-        assert!(i < v.len(), "{what} write at {i} past {}", v.len());
-        assert!(v[i].is_none(), "{what}[{i}] written twice");
-        v[i] = Some(x);
-    }
-
-    /// finish_chunk (forward): codes, fake-quant values, packed word.
-    fn finish_chunk<T: Float>(o: &mut Outputs, e: usize, v: &[f32; 8], sf: f32) {
-        let mut word = 0u32;
-        for (i, &x) in v.iter().enumerate() {
-            let (q, _) = rq::code(x, sf);
-            word |= ((q as i32 + 8) as u32) << (4 * i);
-            put(&mut o.fq, e + i, T::from_f32(q as f32 * sf).to_f32().to_bits(), "out");
-        }
-        put(&mut o.packed, e / 8, word as i32, "packed");
-    }
-
-    fn run<T: Float, S: ScaleFloat>(w: &[T], shape: &QuantShape, grid: usize) -> Outputs {
-        let (rows, k, g) = (shape.n, shape.k, shape.group);
-        let mut o = Outputs {
-            fq: vec![None; rows * k],
-            packed: vec![None; rows * k / 8],
-            scales: vec![None; shape.scales_len()],
-        };
-        let load = |c: usize| -> [f32; 8] { std::array::from_fn(|i| w[c * 8 + i].to_f32()) };
-        if [32, 64, 128].contains(&g) {
-            let chunks = rows * (k / 8);
-            let width = g / 8;
-            for blk in 0..grid {
-                let mut base = blk * THREADS;
-                while base < chunks {
-                    // group_max across each aligned group of `width` lanes.
-                    let vals: Vec<[f32; 8]> =
-                        (0..THREADS).map(|t| if base + t < chunks { load(base + t) } else { [0.0; 8] }).collect();
-                    for t in 0..THREADS {
-                        let c = base + t;
-                        let lane0 = t / width * width;
-                        let amax = (lane0..lane0 + width).flat_map(|t2| vals[t2]).fold(0f32, |a, x| a.max(x.abs()));
-                        if c >= chunks {
-                            continue;
-                        }
-                        assert_eq!((base + lane0) * 8 / g, c * 8 / g, "a shuffle group is one scale group");
-                        let s = rq::group_scale::<S>(amax);
-                        if t % width == 0 {
-                            put(&mut o.scales, c * 8 / g, s.to_f32().to_bits(), "scales");
-                        }
-                        finish_chunk::<T>(&mut o, c * 8, &vals[t], s.to_f32());
-                    }
-                    base += grid * THREADS;
-                }
-            }
-        } else {
-            let groups = rows * (k / g);
-            for blk in 0..grid {
-                let mut gi = blk;
-                while gi < groups {
-                    let e0 = gi * g;
-                    let amax = (0..g / 8).flat_map(|c| load(e0 / 8 + c)).fold(0f32, |a, x| a.max(x.abs()));
-                    let s = rq::group_scale::<S>(amax);
-                    put(&mut o.scales, gi, s.to_f32().to_bits(), "scales");
-                    for c in 0..g / 8 {
-                        finish_chunk::<T>(&mut o, e0 + c * 8, &load(e0 / 8 + c), s.to_f32());
-                    }
-                    gi += grid;
-                }
-            }
-        }
-        o
-    }
-
-    fn check<T: Float, S: ScaleFloat>(rng: &mut Rng, n: usize, k: usize, gs: GroupSize) {
-        let Ok(shape) = QuantShape::new(n, k, gs) else { return };
-        let w: Vec<T> = awkward_weights(rng, n, k);
-        let q = rq::quantize::<T, S>(&w, &shape).unwrap();
-        let (packed, _) = rq::quantize_pack::<T, S>(&w, &shape).unwrap();
-        for grid in [1, 2, 7] {
-            let o = run::<T, S>(&w, &shape, grid);
-            let ctx = format!("{}/{} n {n} k {k} {gs} grid {grid}", T::DTYPE, S::DTYPE);
-            let fq: Vec<u32> = o.fq.iter().map(|x| x.expect("every output written")).collect();
-            assert_eq!(fq, bits(&q.fake_quant), "{ctx}: fake quant");
-            let p: Vec<i32> = o.packed.iter().map(|x| x.expect("every word written")).collect();
-            assert_eq!(p, packed, "{ctx}: packed");
-            let s: Vec<u32> = o.scales.iter().map(|x| x.expect("every scale written")).collect();
-            assert_eq!(s, bits(&q.scales), "{ctx}: scales");
-        }
-    }
-
-    #[test]
-    fn fused_forward_kernels_match_the_reference() {
-        let mut rng = Rng::new(41);
-        for (n, k) in [(5usize, 256usize), (3, 1024), (7, 96), (4, 8), (9, 40)] {
-            for gs in GROUPS {
-                check::<bf16, bf16>(&mut rng, n, k, gs);
-                check::<f32, f16>(&mut rng, n, k, gs);
-                check::<f16, bf16>(&mut rng, n, k, gs);
-            }
-        }
-    }
 }

@@ -1,9 +1,19 @@
 //! GPU tests of `fused_marlin_moe` against the CPU reference MoE on the dequantized weights:
-//! `mean|Δ| / mean|ref| ≤ 4e-3` (bf16; 1e-3 f16) and `|Δ| ≤ 2e-2` on `randn/10` data, over
+//! `mean|Δ| / mean|ref| ≤ 5e-3` (bf16: four roundings to bf16 — GEMM1 output, act, GEMM2
+//! output, sum — against one in the dense GEMM; 1e-3 f16) and `|Δ| ≤ 2e-2 + 4·tol·rms(ref)`
+//! (2e-2 on `randn/10`-sized outputs as vLLM; the relative part covers large-K outputs such as
+//! Kimi-K2's, rms ≈ 6 and |ref| up to 18, whose bf16 ulp alone is 0.125), over
 //! M ∈ {1, 33, 123, 666, 2048} × (E, topk) ∈ {(8, 2), (128, 8), (384, 8)} with small and real
 //! hidden/intermediate sizes (the reference is evaluated on a subsample of rows for big cases),
 //! expert parallelism, the QAT consistency property (rollout MoE = MoE on `fake_quant` weights),
 //! determinism, every output element written, and bad input. Skips without a GPU.
+//!
+//! Integer-exact cases (kernel_review C1): ternary activations, power-of-two scales and router
+//! weights, gates that make `silu` exact, compared bit for bit on every output element against a
+//! reference with the kernels' rounding points, for every block size, both K % 128 cases, every
+//! group size, expert maps. On lowbit-sim (`common::on_sim`) the random-data tests run a reduced
+//! set: fewer tokens for the large expert counts, fewer experts for the real hidden sizes (the
+//! simulator pays for every routed (expert, block) pair).
 
 mod common;
 
@@ -15,16 +25,23 @@ use lowbit::reference::rng::Rng;
 use lowbit::reference::{marlin as rmarlin, quant as rq};
 use lowbit::{bf16, f16, Device, Error};
 
-/// Uploads compressed-tensors experts in Marlin layout (repacked on the device, scales permuted
-/// by the reference).
+/// Uploads compressed-tensors experts in Marlin layout (repacked on the device — on the simulator
+/// by the CPU reference, which is much cheaper there; the layout kernels have their own tests —
+/// scales permuted by the reference).
 fn to_marlin<T: Half>(dev: &Device, p: &PackedExperts<T>) -> MarlinExperts<T> {
     let s = &p.shape;
     let (pl, sl) = (s.packed_len(), s.scales_len());
     let mut q = Vec::with_capacity(p.num_experts * pl);
     let mut sc = Vec::with_capacity(p.num_experts * sl);
+    let sim = common::on_sim(dev);
     for e in 0..p.num_experts {
-        let d = dev.htod(&p.packed[e * pl..(e + 1) * pl]).unwrap();
-        q.extend(dev.dtoh(&lowbit::marlin::layout::ct_marlin_repack(dev, &d, None, s).unwrap()).unwrap());
+        let packed = &p.packed[e * pl..(e + 1) * pl];
+        if sim {
+            q.extend(rmarlin::ct_marlin_repack(packed, None, s.k, s.n).unwrap());
+        } else {
+            let d = dev.htod(packed).unwrap();
+            q.extend(dev.dtoh(&lowbit::marlin::layout::ct_marlin_repack(dev, &d, None, s).unwrap()).unwrap());
+        }
         let gptq = rq::transpose(&p.scales[e * sl..(e + 1) * sl], s.n, s.groups_per_row()).unwrap();
         sc.extend(rmarlin::marlin_permute_scales(&gptq, s.k, s.n, s.group).unwrap());
     }
@@ -65,6 +82,9 @@ fn sample_rows(tokens: usize, cost_per_row: usize) -> Vec<usize> {
     v
 }
 
+/// `mean|Δ|/mean|ref|` bound of the fused layer in bf16 (see the module doc).
+const BF16_TOL: f64 = 5e-3;
+
 /// Checks the GPU output against the reference on the sampled rows.
 #[allow(clippy::too_many_arguments)]
 fn check_rows<T: Half>(
@@ -86,7 +106,7 @@ fn check_rows<T: Half>(
     let idss: Vec<i32> = rows.iter().flat_map(|&r| ids[r * k..(r + 1) * k].to_vec()).collect();
     let sub = MoeDims { tokens: rows.len(), ..*dims };
     let want = rm::fused_moe_ref(&xs, &sub, w13, w2, &tws, &idss, map).unwrap();
-    let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+    let (mut num, mut den, mut worst, mut sq) = (0f64, 0f64, (0f64, 0f64), 0f64);
     for (i, &r) in rows.iter().enumerate() {
         for c in 0..h {
             let g = got[r * h + c].to_f32() as f64;
@@ -94,12 +114,23 @@ fn check_rows<T: Half>(
             assert!(g.is_finite(), "{what}: row {r} col {c} is {g}");
             num += (g - w).abs();
             den += w.abs();
-            worst = worst.max((g - w).abs());
+            sq += w * w;
+            if (g - w).abs() > worst.0 {
+                worst = ((g - w).abs(), w);
+            }
         }
     }
     let rel = num / den.max(1e-30);
-    assert!(rel <= rel_tol, "{what}: mean|Δ|/mean|ref| = {rel:.2e} > {rel_tol:.0e}");
-    assert!(worst <= 2e-2, "{what}: max |Δ| = {worst:.3e}");
+    let rms = (sq / (rows.len() * h) as f64).sqrt();
+    assert!(rel <= rel_tol, "{what}: mean|Δ|/mean|ref| = {rel:.2e} > {rel_tol:.0e} (rms of ref {rms:.3e})");
+    // Rounding errors of the intermediates scale with the outputs' typical size, not each value.
+    let atol = 2e-2 + 4.0 * rel_tol * rms;
+    assert!(
+        worst.0 <= atol,
+        "{what}: max |Δ| = {:.3e} > {atol:.3e} at ref {:.3e} (rms of ref {rms:.3e})",
+        worst.0,
+        worst.1
+    );
 }
 
 struct Case<T> {
@@ -145,17 +176,26 @@ fn small_hidden_sizes_over_the_grid() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(21);
     let groups = [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
+    let sim = common::on_sim(&dev);
+    let all: &[usize] = &[1, 33, 123, 666, 2048];
     for (idx, (e, topk)) in [(8usize, 2usize), (128, 8), (384, 8)].into_iter().enumerate() {
         let g = groups[idx % groups.len()];
         let c = case::<bf16>(&dev, &mut rng, e, 256, 128, g, true);
-        run_case(&dev, &mut rng, &c, &[1, 33, 123, 666, 2048], topk, 4e-3, &format!("bf16 E={e} top{topk} g={g}"));
+        let ms: &[usize] = match (sim, e) {
+            (false, _) => all,
+            (true, 8) => &all[..4],
+            (true, 128) => &[1, 33],
+            (true, _) => &[1, 5],
+        };
+        run_case(&dev, &mut rng, &c, ms, topk, BF16_TOL, &format!("bf16 E={e} top{topk} g={g}"));
     }
     // All group sizes on one configuration, and f16.
+    let ms: &[usize] = common::pick(&dev, &[1, 123], &[1, 17]);
     for g in groups {
         let c = case::<bf16>(&dev, &mut rng, 8, 512, 256, g, true);
-        run_case(&dev, &mut rng, &c, &[1, 123], 2, 4e-3, &format!("bf16 g={g}"));
+        run_case(&dev, &mut rng, &c, ms, 2, BF16_TOL, &format!("bf16 g={g}"));
         let c = case::<f16>(&dev, &mut rng, 8, 512, 256, g, true);
-        run_case(&dev, &mut rng, &c, &[1, 123], 2, 1e-3, &format!("f16 g={g}"));
+        run_case(&dev, &mut rng, &c, ms, 2, 1e-3, &format!("f16 g={g}"));
     }
 }
 
@@ -163,12 +203,16 @@ fn small_hidden_sizes_over_the_grid() {
 fn real_hidden_sizes() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(22);
-    // Qwen3-30B-A3B: E = 128, top-8, H = 2048, I = 768, g = 128.
-    let c = case::<bf16>(&dev, &mut rng, 128, 2048, 768, GroupSize::Group(128), false);
-    run_case(&dev, &mut rng, &c, &[1, 33, 123, 666, 2048], 8, 4e-3, "Qwen3-30B-A3B");
-    // Kimi-K2 expert shape (H = 7168, I = 2048, g = 32) on 8 experts, top-2.
-    let c = case::<bf16>(&dev, &mut rng, 8, 7168, 2048, GroupSize::Group(32), false);
-    run_case(&dev, &mut rng, &c, &[1, 33, 666], 2, 4e-3, "Kimi-K2 shape");
+    // Qwen3-30B-A3B: E = 128, top-8, H = 2048, I = 768, g = 128 (the simulator: 16 experts, one
+    // token: 8 routed experts either way).
+    let (e, ms): (usize, &[usize]) = common::pick(&dev, (128, &[1, 33, 123, 666, 2048]), (16, &[1]));
+    let c = case::<bf16>(&dev, &mut rng, e, 2048, 768, GroupSize::Group(128), false);
+    run_case(&dev, &mut rng, &c, ms, 8, BF16_TOL, "Qwen3-30B-A3B");
+    // Kimi-K2 expert shape (H = 7168, I = 2048, g = 32) on 8 experts, top-2 (the simulator: 2
+    // experts, one token).
+    let (e, ms): (usize, &[usize]) = common::pick(&dev, (8, &[1, 33, 666]), (2, &[1]));
+    let c = case::<bf16>(&dev, &mut rng, e, 7168, 2048, GroupSize::Group(32), false);
+    run_case(&dev, &mut rng, &c, ms, 2, BF16_TOL, "Kimi-K2 shape");
 }
 
 #[test]
@@ -212,7 +256,7 @@ fn expert_parallel_ranks_sum_to_the_full_layer() {
         .unwrap();
         let got = dev.dtoh(&out).unwrap();
         let dims = MoeDims { tokens: m, hidden: h, inter: i, experts: per, topk };
-        check_rows(&format!("EP rank {rank}"), &got, &x, &dims, &w13, &w2, &tw, &ids, Some(map.as_slice()), 4e-3);
+        check_rows(&format!("EP rank {rank}"), &got, &x, &dims, &w13, &w2, &tw, &ids, Some(map.as_slice()), BF16_TOL);
         for (s, g) in sum.iter_mut().zip(&got) {
             *s += g.to_f32() as f64;
         }
@@ -230,7 +274,8 @@ fn expert_parallel_ranks_sum_to_the_full_layer() {
 fn qat_consistency() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(24);
-    let (e, topk, h, i, m) = (16usize, 4usize, 512usize, 256usize, 67usize);
+    let (e, m) = common::pick(&dev, (16usize, 67usize), (8, 33));
+    let (topk, h, i) = (4usize, 512usize, 256usize);
     for g in [GroupSize::Group(32), GroupSize::Group(128), GroupSize::Channelwise] {
         let s13 = QuantShape::new(2 * i, h, g).unwrap();
         let s2 = QuantShape::new(h, i, g).unwrap();
@@ -281,15 +326,16 @@ fn qat_consistency() {
 fn deterministic_and_workspace_reuse() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(25);
-    let c = case::<bf16>(&dev, &mut rng, 128, 256, 128, GroupSize::Group(128), true);
+    let (e, ms) = common::pick(&dev, (128usize, [666usize, 1, 2048, 33]), (32, [123, 1, 200, 33]));
+    let c = case::<bf16>(&dev, &mut rng, e, 256, 128, GroupSize::Group(128), true);
     let mut ws = MoeWorkspace::<bf16>::new(&dev).unwrap();
     let mut first: Vec<Vec<u16>> = Vec::new();
     for pass in 0..2 {
         // Sizes going up and down exercise workspace growth and reuse.
-        for (j, m) in [666usize, 1, 2048, 33].into_iter().enumerate() {
+        for (j, m) in ms.into_iter().enumerate() {
             let mut r = Rng::new(100 + m as u64);
             let x: Vec<bf16> = r.normal_vec(m * 256, 0.1);
-            let (tw, ids) = random_routing(&mut r, m, 8, 128);
+            let (tw, ids) = random_routing(&mut r, m, 8, e);
             let out = moe::fused_marlin_moe(
                 &dev,
                 &dev.htod(&x).unwrap(),
@@ -347,4 +393,234 @@ fn bad_input_is_rejected_before_launch() {
     assert!(matches!(call(&c.m13, &c.m2, &short, 2, &o), Err(Error::Length { .. })));
     // The workspace is still usable after errors.
     assert!(call(&c.m13, &c.m2, &ids, 2, &o).is_ok());
+}
+
+// ---- integer-exact cases (kernel_review C1) ---------------------------------------------------
+
+/// Experts built from codes: `w13 [E, 2I, H]` whose gate rows have a single nonzero code, at
+/// hidden column 0 (which every token sets to 1), with scale 2^6 — so every gate is 0, 64 or 128
+/// and `silu` is exact there (silu(0) = 0; for g ≥ 40, 1 + e^−g rounds to 1 in f32 and f64) —
+/// and random up rows; `w2 [E, H, I]` random. All scales are powers of two.
+fn exact_experts<T: Half>(
+    rng: &mut Rng,
+    e: usize,
+    h: usize,
+    i: usize,
+    g: GroupSize,
+) -> (PackedExperts<T>, PackedExperts<T>) {
+    let s13 = QuantShape::new(2 * i, h, g).unwrap();
+    let s2 = QuantShape::new(h, i, g).unwrap();
+    let (mut c13, mut sc13, mut c2, mut sc2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..e {
+        for row in 0..2 * i {
+            for col in 0..h {
+                c13.push(if row < i {
+                    if col == 0 {
+                        [0i8, 1, 2][rng.below(3)]
+                    } else {
+                        0
+                    }
+                } else {
+                    rng.below(16) as i8 - 8
+                });
+            }
+            for grp in 0..s13.groups_per_row() {
+                let s = if row < i && grp == 0 { 64.0 } else { common::pow2(rng, -6, -4) };
+                sc13.push(T::from_f32(s));
+            }
+        }
+        c2.extend((0..h * i).map(|_| rng.below(16) as i8 - 8));
+        sc2.extend((0..s2.scales_len()).map(|_| T::from_f32(common::pow2(rng, -4, -2))));
+    }
+    let pe = |c: &[i8], s: Vec<T>, shape: QuantShape| PackedExperts {
+        packed: common::pack_codes(c),
+        scales: s,
+        shape,
+        num_experts: e,
+    };
+    (pe(&c13, sc13, s13), pe(&c2, sc2, s2))
+}
+
+/// `Σ terms` in f64, checked to be exact in f32 in any order: every term is a multiple of
+/// `2^unit` and `Σ|terms| ≤ 2^(24 + unit)`.
+fn exact_sum(terms: impl Iterator<Item = f64>, unit: i32, what: &str) -> f32 {
+    let (mut s, mut a) = (0f64, 0f64);
+    for t in terms {
+        assert_eq!((t / 2f64.powi(unit)).fract(), 0.0, "test construction: {what}: {t} is not a multiple of 2^{unit}");
+        s += t;
+        a += t.abs();
+    }
+    assert!(a <= 2f64.powi(24 + unit), "test construction: {what}: Σ|terms| = {a} is not exact in f32");
+    s as f32 + 0.0
+}
+
+/// The fused layer with the kernels' rounding points (documented in `moe::fused`): GEMM1 rounds
+/// its exact f32 sums to T; act = T(silu(gate) · up); GEMM2 rounds `tw · Σ` to T; the top-k sum
+/// adds the local slots' T partials in f32 in k order from 0 and rounds once.
+#[allow(clippy::too_many_arguments)]
+fn staged_ref<T: Half>(
+    x: &[f32],
+    dims: &MoeDims,
+    w13: &PackedExperts<T>,
+    w2: &PackedExperts<T>,
+    tw: &[f32],
+    ids: &[i32],
+    map: Option<&[i32]>,
+) -> Vec<f64> {
+    let (h, i_dim, k) = (dims.hidden, dims.inter, dims.topk);
+    let rt = |v: f32| T::from_f32(v).to_f32();
+    let deq13: Vec<Vec<f32>> =
+        (0..w13.num_experts).map(|e| w13.dequantize::<T>(e).unwrap().iter().map(|v| v.to_f32()).collect()).collect();
+    let deq2: Vec<Vec<f32>> =
+        (0..w2.num_experts).map(|e| w2.dequantize::<T>(e).unwrap().iter().map(|v| v.to_f32()).collect()).collect();
+    let mut out = Vec::with_capacity(dims.tokens * h);
+    for t in 0..dims.tokens {
+        let xt = &x[t * h..(t + 1) * h];
+        let mut acc = vec![0f32; h];
+        for j in 0..k {
+            let s = t * k + j;
+            let Some(e) = (match map {
+                None => Some(ids[s] as usize),
+                Some(m) => (m[ids[s] as usize] >= 0).then(|| m[ids[s] as usize] as usize),
+            }) else {
+                continue;
+            };
+            let gu: Vec<f32> = (0..2 * i_dim)
+                .map(|r| {
+                    let w = &deq13[e][r * h..(r + 1) * h];
+                    rt(exact_sum(xt.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64), -6, "GEMM1"))
+                })
+                .collect();
+            let act: Vec<f32> = (0..i_dim)
+                .map(|r| {
+                    let g = gu[r];
+                    assert!(g == 0.0 || g >= 40.0, "test construction: gate {g}");
+                    rt(g * gu[i_dim + r]) // silu(g) == g exactly here
+                })
+                .collect();
+            for (n, a) in acc.iter_mut().enumerate() {
+                let w = &deq2[e][n * i_dim..(n + 1) * i_dim];
+                let sum = exact_sum(act.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64), -4, "GEMM2");
+                *a += rt(tw[s] * sum);
+            }
+        }
+        out.extend(acc.iter().map(|&v| rt(v) as f64));
+    }
+    out
+}
+
+/// Tokens with hidden column 0 set to 1 and ternary activations elsewhere (about `nnz`).
+fn exact_x(rng: &mut Rng, tokens: usize, h: usize, nnz: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(tokens * h);
+    for _ in 0..tokens {
+        let mut row = common::ternary(rng, h, nnz as f64 / h as f64);
+        row[0] = 1.0;
+        x.extend(row);
+    }
+    x
+}
+
+#[allow(clippy::too_many_arguments)]
+fn exact_fused_case<T: Half>(
+    dev: &Device,
+    rng: &mut Rng,
+    (tokens, topk, e): (usize, usize, usize),
+    (h, i): (usize, usize),
+    g: GroupSize,
+    bs: Option<usize>,
+    ranks: usize,
+) {
+    let (w13, w2) = exact_experts::<T>(rng, e, h, i, g);
+    let x = exact_x(rng, tokens, h, 16);
+    let xt: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let mut ids = Vec::with_capacity(tokens * topk);
+    for _ in 0..tokens {
+        let mut row: Vec<i32> = Vec::new();
+        while row.len() < topk {
+            let c = rng.below(e) as i32;
+            if !row.contains(&c) {
+                row.push(c);
+            }
+        }
+        ids.extend(row);
+    }
+    // Power-of-two router weights.
+    let tw: Vec<f32> = (0..tokens * topk).map(|_| common::pow2(rng, -3, 0)).collect();
+    let (dx, dtw, dids) = (dev.htod(&xt).unwrap(), dev.htod(&tw).unwrap(), dev.htod(&ids).unwrap());
+    let opts = MoeOptions { block_size: bs, ..MoeOptions::default() };
+    let per = e / ranks;
+    for rank in 0..ranks {
+        let map = (ranks > 1).then(|| ExpertMap::contiguous(dev, e, ranks, rank).unwrap());
+        let slice = |p: &PackedExperts<T>| PackedExperts {
+            packed: p.packed[rank * per * p.shape.packed_len()..(rank + 1) * per * p.shape.packed_len()].to_vec(),
+            scales: p.scales[rank * per * p.shape.scales_len()..(rank + 1) * per * p.shape.scales_len()].to_vec(),
+            shape: p.shape,
+            num_experts: per,
+        };
+        let (l13, l2) = (slice(&w13), slice(&w2));
+        let (m13, m2) = (to_marlin(dev, &l13), to_marlin(dev, &l2));
+        let mut ws = MoeWorkspace::<T>::new(dev).unwrap();
+        let mut out = dev.htod(&vec![T::from_f32(f32::NAN); tokens * h]).unwrap();
+        moe::fused::fused_marlin_moe_into(
+            dev,
+            &dx,
+            tokens,
+            &m13,
+            &m2,
+            &dtw,
+            &dids,
+            topk,
+            map.as_ref(),
+            &opts,
+            &mut ws,
+            &mut out,
+        )
+        .unwrap();
+        let got: Vec<T> = dev.dtoh(&out).unwrap();
+        let dims = MoeDims { tokens, hidden: h, inter: i, experts: per, topk };
+        let mslice = map.as_ref().map(|m| m.as_slice());
+        let want = staged_ref(&x, &dims, &l13, &l2, &tw, &ids, mslice);
+        let what = format!(
+            "{} exact fused tokens={tokens} top{topk} E={e} H={h} I={i} g={g} bs={bs:?} rank {rank}/{ranks}",
+            T::DTYPE
+        );
+        common::assert_exact(&what, &got, &want, h);
+        // The f64 reference agrees within the tolerance (the staged one only adds roundings).
+        let r64 = rm::fused_moe_ref(&xt, &dims, &l13, &l2, &tw, &ids, mslice).unwrap();
+        let num: f64 = want.iter().zip(&r64).map(|(a, b)| (a - *b as f64).abs()).sum();
+        let den: f64 = r64.iter().map(|b| (*b as f64).abs()).sum();
+        assert!(num <= 1e-2 * den.max(1e-30), "{what}: staged vs f64 reference {:.2e}", num / den);
+    }
+}
+
+fn exact_fused<T: Half>(dev: &Device) {
+    let mut rng = Rng::new(0xC1F);
+    let groups = [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
+    let mut idx = 0;
+    // Every block size; w13 256x256 / w2 256x128 (K % 128 == 0) and w13 384x192 / w2 192x192
+    // (K % 128 != 0); then the planner's block size, an expert map, many experts.
+    for bs in lowbit::marlin::gemm::MOE_BLOCK_SIZES {
+        for (h, i) in [(256, 128), (192, 192)] {
+            let g = groups[idx % 4];
+            idx += 1;
+            if g.resolve("t", i).is_err() || g.resolve("t", h).is_err() {
+                continue;
+            }
+            exact_fused_case::<T>(dev, &mut rng, (40, 2, 8), (h, i), g, Some(bs), 1);
+        }
+    }
+    exact_fused_case::<T>(dev, &mut rng, (33, 4, 16), (256, 128), GroupSize::Group(64), None, 4);
+    exact_fused_case::<T>(dev, &mut rng, (6, 8, 64), (256, 128), GroupSize::Group(128), None, 1);
+}
+
+#[test]
+fn exact_fused_bf16() {
+    let dev = gpu_or_skip!();
+    exact_fused::<bf16>(&dev);
+}
+
+#[test]
+fn exact_fused_f16() {
+    let dev = gpu_or_skip!();
+    exact_fused::<f16>(&dev);
 }

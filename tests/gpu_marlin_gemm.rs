@@ -2,14 +2,24 @@
 //! `mean|Y − ref| / mean|ref|` ≤ 1e-3 (f16) / 4e-3 (bf16), no NaN, every element written (the
 //! output is poisoned with NaN first, and the padding of strided X is NaN too), determinism,
 //! split-K workspace reuse, QAT consistency, and typed errors for bad input.
-//! Without a GPU these tests print why and pass (LOWBIT_REQUIRE_GPU=1 makes that a failure).
+//!
+//! Integer-exact cases (kernel_review C1): ternary activations, power-of-two scales, compared bit
+//! for bit on every output element, plus one-hot probes (one nonzero activation per row, or one
+//! nonzero weight code per column) that pin any wrong index — over every kernel instance and
+//! plan variant (`exact_cases`, checked by `exact_cases_cover_every_plan_variant`).
+//!
+//! On lowbit-sim (`common::on_sim`) the random-data tests run a reduced shape set; the exact
+//! tests run the same set everywhere. Without a GPU these tests print why and pass
+//! (LOWBIT_REQUIRE_GPU=1 makes that a failure).
 
 mod common;
 
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use lowbit::format::{self, GroupSize, QuantShape};
-use lowbit::marlin::gemm::{marlin_gemm, marlin_gemm_into, plan_gemm, Half, MarlinLinear, MarlinWorkspace};
+use lowbit::marlin::gemm::{
+    marlin_gemm, marlin_gemm_into, plan_gemm, BlockShape, GemmPlan, Half, MarlinLinear, MarlinWorkspace,
+};
 use lowbit::marlin::layout::MarlinWeights;
 use lowbit::reference::gemm::{gemm_ref_f64_at, rel_mean_abs_err};
 use lowbit::reference::marlin as refm;
@@ -52,6 +62,54 @@ impl<T: Half> Problem<T> {
         Problem { shape, packed, scales, g_idx }
     }
 
+    /// Given codes `[N, K]` in −8..=7 and scales `[N, K/g]`, with a random uniform act-order
+    /// `g_idx` when asked.
+    fn from_codes(
+        n: usize,
+        k: usize,
+        gs: GroupSize,
+        act_order: bool,
+        codes: &[i8],
+        scales: Vec<T>,
+        rng: &mut Rng,
+    ) -> Self {
+        let shape = QuantShape::new(n, k, gs).unwrap();
+        assert_eq!((codes.len(), scales.len()), (shape.numel(), shape.scales_len()));
+        let g_idx = act_order.then(|| {
+            let mut g: Vec<i32> = (0..k).map(|c| (c / shape.group) as i32).collect();
+            for i in (1..k).rev() {
+                g.swap(i, rng.below(i + 1));
+            }
+            g
+        });
+        Problem { shape, packed: common::pack_codes(codes), scales, g_idx }
+    }
+
+    /// Random codes in −8..=7 (all sixteen) and power-of-two scales `2^e`, `e` in `lo..=hi`.
+    fn exact(n: usize, k: usize, gs: GroupSize, act_order: bool, lo: i32, hi: i32, rng: &mut Rng) -> Self {
+        let shape = QuantShape::new(n, k, gs).unwrap();
+        let codes: Vec<i8> = (0..n * k).map(|_| rng.below(16) as i8 - 8).collect();
+        let scales = (0..shape.scales_len()).map(|_| T::from_f32(common::pow2(rng, lo, hi))).collect();
+        Self::from_codes(n, k, gs, act_order, &codes, scales, rng)
+    }
+
+    /// One nonzero code per column `nn`, at source column `(7·nn + off) % K`, a power of two
+    /// (±1, ±2, ±4, −8); scales as [`Problem::exact`].
+    fn one_hot_weights(n: usize, k: usize, gs: GroupSize, act_order: bool, off: usize, rng: &mut Rng) -> Self {
+        let shape = QuantShape::new(n, k, gs).unwrap();
+        let mut codes = vec![0i8; n * k];
+        for nn in 0..n {
+            codes[nn * k + (7 * nn + off) % k] = [1, -1, 2, -2, 4, -4, -8][rng.below(7)];
+        }
+        let scales = (0..shape.scales_len()).map(|_| T::from_f32(common::pow2(rng, -4, 0))).collect();
+        Self::from_codes(n, k, gs, act_order, &codes, scales, rng)
+    }
+
+    /// The dequantized `W[N, K]` (source column order), row-major.
+    fn w_matrix(&self) -> Vec<f32> {
+        (0..self.shape.n).flat_map(|nn| self.w_row(nn)).collect()
+    }
+
     /// Row `nn` of the dequantized `W[N, K]`: `T(q · s)` from the plain codes.
     fn w_row(&self, nn: usize) -> Vec<f32> {
         let (k, g, gpr) = (self.shape.k, self.shape.group, self.shape.groups_per_row());
@@ -66,11 +124,12 @@ impl<T: Half> Problem<T> {
     }
 
     /// Marlin weights: small shapes through the CPU reference repack (independent of the GPU
-    /// layout kernels), large ones through the GPU repack.
+    /// layout kernels), large ones through the GPU repack — except on the simulator, where the
+    /// CPU repack is much cheaper (the layout kernels have their own tests).
     fn weights(&self, dev: &Device) -> MarlinWeights<T> {
         let (n, k, g) = (self.shape.n, self.shape.k, self.shape.group);
         let perm = self.g_idx.as_ref().map(|gi| refm::act_order_perm(gi, k, g).unwrap());
-        if n * k <= 1 << 22 {
+        if n * k <= 1 << 22 || common::on_sim(dev) {
             let qweight = refm::ct_marlin_repack(&self.packed, perm.as_deref(), k, n).unwrap();
             let gptq_scales = transpose(&self.scales, n, self.shape.groups_per_row()).unwrap();
             let ms = refm::marlin_permute_scales(&gptq_scales, k, n, g).unwrap();
@@ -180,6 +239,16 @@ fn grid_small<T: Half>(dev: &Device) {
                 let prob = Problem::<T>::random(n, k, gs, act_order, seed);
                 let w = prob.weights(dev);
                 for (i, &m) in MS.iter().enumerate() {
+                    // The simulator keeps M <= 257 (658, 1024, 4096 only on the smallest shape,
+                    // M <= 67 on the largest).
+                    let max_m = match (n, k) {
+                        (64, 128) => usize::MAX,
+                        (512, 1024) => 67,
+                        _ => 257,
+                    };
+                    if common::on_sim(dev) && m > max_m {
+                        continue;
+                    }
                     let lda = if i % 2 == 1 { k + 8 * (1 + i) } else { k };
                     let what = format!("{} {n}x{k} g={gs} act_order={act_order}", T::DTYPE);
                     check_case(dev, &prob, &w, m, lda, &mut ws, seed * 100 + i as u64, &what);
@@ -201,10 +270,21 @@ fn dense_grid_small_f16() {
     grid_small::<f16>(&dev);
 }
 
+/// (N, K, group, act-order, Ms) of `real_shapes` on the simulator (ptxsim.md §6, trimmed): no
+/// 28672×8192, 8192×28672 or 4096×7168, fewer M; still split-K at real widths, every group kind,
+/// act-order, several m-blocks (the exact cases cover every plan variant on small shapes).
+const REAL_SHAPES_SIM: [(usize, usize, GroupSize, bool, &[usize]); 5] = [
+    (4096, 4096, GroupSize::Group(128), false, &[1]),
+    (4096, 4096, GroupSize::Group(128), true, &[26]),
+    (1536, 2048, GroupSize::Group(32), false, &[3, 67]),
+    (2048, 768, GroupSize::Channelwise, false, &[1, 257]),
+    (7168, 2048, GroupSize::Group(32), false, &[64]),
+];
+
 fn real_shapes<T: Half>(dev: &Device) {
     let mut ws = MarlinWorkspace::new();
     // (N, K, group, act-order, Ms): Llama-3-70B, Llama-3-8B-like, Qwen3-30B-A3B and Kimi-K2 experts.
-    let cases: [(usize, usize, GroupSize, bool, &[usize]); 8] = [
+    let full: [(usize, usize, GroupSize, bool, &[usize]); 8] = [
         (4096, 4096, GroupSize::Group(128), false, &[1, 13, 16, 67, 1024, 4096]),
         (4096, 4096, GroupSize::Group(128), true, &[1, 26, 257]),
         (28672, 8192, GroupSize::Group(128), false, &[1, 16, 67, 1024]),
@@ -214,7 +294,8 @@ fn real_shapes<T: Half>(dev: &Device) {
         (4096, 7168, GroupSize::Group(32), false, &[1, 16, 1024]),
         (7168, 2048, GroupSize::Group(32), false, &[2, 64, 658]),
     ];
-    for (i, (n, k, gs, act_order, ms)) in cases.into_iter().enumerate() {
+    let cases: &[_] = common::pick(dev, &full[..], &REAL_SHAPES_SIM[..]);
+    for (i, &(n, k, gs, act_order, ms)) in cases.iter().enumerate() {
         let prob = Problem::<T>::random(n, k, gs, act_order, 500 + i as u64);
         let w = prob.weights(dev);
         for (j, &m) in ms.iter().enumerate() {
@@ -241,13 +322,18 @@ fn dense_real_shapes_f16() {
 fn deterministic_across_runs() {
     let dev = gpu_or_skip!();
     let mut ws = MarlinWorkspace::new();
-    for (m, n, k) in [(1, 4096, 4096), (13, 4096, 4096), (67, 1024, 8192), (658, 4096, 4096)] {
+    let full: &[(usize, usize, usize)] = &[(1, 4096, 4096), (13, 4096, 4096), (67, 1024, 8192), (658, 4096, 4096)];
+    // The simulator: split-K plans (16-, 8- and 4-way, one to eleven m-blocks) on narrower
+    // shapes, 3 runs each (`split_k_stress` repeats more).
+    let sim: &[(usize, usize, usize)] = &[(1, 512, 4096), (13, 1024, 2048), (67, 512, 2048), (658, 256, 512)];
+    let (shapes, runs) = common::pick(&dev, (full, 10), (sim, 3));
+    for &(m, n, k) in shapes {
         let plan = plan_gemm(m, n, k, dev.info().sm_count).unwrap();
         let prob = Problem::<bf16>::random(n, k, GroupSize::Group(128), false, 77);
         let w = prob.weights(&dev);
         let x = dev.htod(&random_x::<bf16>(m, k, k, 78)).unwrap();
         let first: Vec<bf16> = dev.dtoh(&marlin_gemm(&dev, &x, m, k, &w, &mut ws).unwrap()).unwrap();
-        for run in 1..10 {
+        for run in 1..runs {
             let y: Vec<bf16> = dev.dtoh(&marlin_gemm(&dev, &x, m, k, &w, &mut ws).unwrap()).unwrap();
             common::assert_bits_eq(&format!("{m}x{n}x{k} {plan:?} run {run}"), &y, &first);
         }
@@ -344,4 +430,314 @@ fn bad_input_is_a_typed_error() {
     let x96 = dev.htod(&random_x::<bf16>(1, 96, 96, 9)).unwrap();
     assert!(matches!(marlin_gemm(&dev, &x96, 1, 96, &wodd, &mut ws), Err(Error::Shape { .. })));
     assert!(MarlinLinear::new(wodd).is_err());
+}
+
+// ---- integer-exact cases and one-hot probes (kernel_review C1) --------------------------------
+
+/// (M, N, K, group, act-order, lda − K): every kernel instance with split-K on and off (on 132
+/// SMs), every group size with both block shapes, act-order with both, lda > K, N % 256 != 0,
+/// K % 128 != 0, partial and multiple m-blocks, split-K over several m-blocks, a 16-way split.
+/// Small enough to run unchanged on the simulator; `exact_cases_cover_every_plan_variant`
+/// checks the coverage with `plan_gemm`.
+const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 19] = [
+    // split-K on
+    (1, 256, 512, GroupSize::Group(128), false, 0),
+    (3, 192, 1024, GroupSize::Group(32), true, 8),
+    (13, 128, 320, GroupSize::Group(64), false, 0),
+    (16, 512, 576, GroupSize::Channelwise, false, 16),
+    (26, 320, 512, GroupSize::Group(64), true, 0),
+    (20, 256, 448, GroupSize::Group(32), false, 24),
+    (40, 192, 512, GroupSize::Group(128), false, 0),
+    (48, 512, 256, GroupSize::Channelwise, false, 0),
+    (67, 256, 512, GroupSize::Group(32), true, 8),
+    (64, 384, 320, GroupSize::Group(64), false, 0),
+    (1, 256, 4096, GroupSize::Group(128), false, 0),
+    // split-K off (at most 3 stage iterations)
+    (1, 128, 256, GroupSize::Channelwise, false, 0),
+    (8, 192, 192, GroupSize::Group(64), true, 8),
+    (17, 256, 384, GroupSize::Group(128), true, 0),
+    (32, 320, 192, GroupSize::Channelwise, false, 8),
+    (33, 192, 128, GroupSize::Group(32), false, 0),
+    (45, 256, 192, GroupSize::Group(64), true, 0),
+    (130, 320, 128, GroupSize::Group(128), false, 8),
+    (200, 256, 192, GroupSize::Channelwise, false, 0),
+];
+
+/// (M, N, K, group, act-order) of the one-hot sweeps: one case per kernel instance, M = the
+/// instance's rows (the m4 case is the identity, M = K, over several m-blocks), every K-row probed
+/// over at least two pipeline stages, split-K on.
+const PROBE_CASES: [(usize, usize, usize, GroupSize, bool); 7] = [
+    (16, 256, 512, GroupSize::Group(128), false),
+    (16, 256, 320, GroupSize::Group(64), true),
+    (32, 256, 512, GroupSize::Group(32), false),
+    (32, 256, 320, GroupSize::Channelwise, false),
+    (48, 192, 512, GroupSize::Group(64), true),
+    (48, 256, 256, GroupSize::Group(128), false),
+    (320, 256, 320, GroupSize::Group(32), false),
+];
+
+/// The exact `X · Wᵀ` (f64; every term is a small integer times a power of two, so every partial
+/// sum is exact in f32 and f64 whatever the order) of `m` dense rows `x [m, K]` and `w [N, K]`,
+/// skipping zero activations.
+fn exact_ref(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for r in 0..m {
+        let nz: Vec<(usize, f64)> = (0..k).filter(|&c| x[r * k + c] != 0.0).map(|c| (c, x[r * k + c] as f64)).collect();
+        for nn in 0..n {
+            // From +0, as the kernel's zero-initialised accumulators (an exact zero is +0).
+            out[r * n + nn] = nz.iter().fold(0f64, |a, &(c, v)| a + v * w[nn * k + c] as f64);
+        }
+    }
+    out
+}
+
+/// Runs the GEMM on dense rows `x [m, K]` laid out with stride `lda` (NaN padding) into a
+/// NaN-poisoned output.
+#[allow(clippy::too_many_arguments)]
+fn run_rows<T: Half>(
+    dev: &Device,
+    w: &MarlinWeights<T>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+    ws: &mut MarlinWorkspace,
+) -> (Vec<T>, GemmPlan) {
+    let n = w.shape().n;
+    let buf: Vec<T> = (0..(m - 1) * lda + k)
+        .map(|i| if i % lda < k { T::from_f32(x[(i / lda) * k + i % lda]) } else { nan() })
+        .collect();
+    let xd = dev.htod(&buf).unwrap();
+    let mut out = dev.htod(&vec![nan::<T>(); m * n]).unwrap();
+    marlin_gemm_into(dev, &xd, m, lda, w, &mut out, ws).unwrap();
+    (dev.dtoh(&out).unwrap(), plan_gemm(m, n, k, dev.info().sm_count).unwrap())
+}
+
+/// Ternary rows whose every output against `w [N, K]` is exact in `T` (about 24 nonzeros per row
+/// for bf16, 256 for f16, fewer where needed).
+fn exact_rows<T: Half>(rng: &mut Rng, m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let nnz = if T::DTYPE == DType::F16 { 256 } else { 24 };
+    common::ternary_rows(rng, m, k, nnz, |_, row| exact_ref(row, 1, k, w, n).iter().all(|&v| common::exact_in::<T>(v)))
+}
+
+/// Rows `r` of `m`, one-hot (alternating ±1) at K-row `(first + r) % K`.
+fn one_hot_rows(m: usize, k: usize, first: usize) -> Vec<f32> {
+    let mut x = vec![0f32; m * k];
+    for r in 0..m {
+        x[r * k + (first + r) % k] = if r % 2 == 0 { 1.0 } else { -1.0 };
+    }
+    x
+}
+
+/// Dense integer rows in −127..=127 (exact in bf16 and f16).
+fn int_rows(rng: &mut Rng, m: usize, k: usize) -> Vec<f32> {
+    (0..m * k).map(|_| rng.below(255) as f32 - 127.0).collect()
+}
+
+fn exact_dense<T: Half>(dev: &Device) {
+    let mut ws = MarlinWorkspace::new();
+    let mut rng = Rng::new(0xC1);
+    for (i, &(m, n, k, gs, act_order, pad)) in EXACT_CASES.iter().enumerate() {
+        let lda = k + pad;
+        let prob = Problem::<T>::exact(n, k, gs, act_order, -3, -1, &mut rng);
+        let w = prob.weights(dev);
+        let wm = prob.w_matrix();
+        let tag = |kind: &str, plan: &GemmPlan| {
+            format!("{} exact #{i} {kind} m={m} {n}x{k} lda={lda} g={gs} act_order={act_order} {plan:?}", T::DTYPE)
+        };
+        // Ternary activations, power-of-two scales, all sixteen codes.
+        let x = exact_rows::<T>(&mut rng, m, k, &wm, n);
+        let (y, plan) = run_rows(dev, &w, &x, m, k, lda, &mut ws);
+        common::assert_exact(&tag("ternary", &plan), &y, &exact_ref(&x, m, k, &wm, n), n);
+        // One nonzero activation per row: row r of the output is ±W[:, k_r] exactly.
+        let x = one_hot_rows(m, k, rng.below(k));
+        let (y, plan) = run_rows(dev, &w, &x, m, k, lda, &mut ws);
+        common::assert_exact(&tag("one-hot X", &plan), &y, &exact_ref(&x, m, k, &wm, n), n);
+        // One nonzero weight code per column: column n of the output is x[:, k_n] · q · s exactly.
+        let p1 = Problem::<T>::one_hot_weights(n, k, gs, act_order, rng.below(k), &mut rng);
+        let (w1, wm1) = (p1.weights(dev), p1.w_matrix());
+        let x = int_rows(&mut rng, m, k);
+        let (y, plan) = run_rows(dev, &w1, &x, m, k, lda, &mut ws);
+        common::assert_exact(&tag("one-hot W", &plan), &y, &exact_ref(&x, m, k, &wm1, n), n);
+    }
+}
+
+#[test]
+fn exact_dense_bf16() {
+    let dev = gpu_or_skip!();
+    exact_dense::<bf16>(&dev);
+}
+
+#[test]
+fn exact_dense_f16() {
+    let dev = gpu_or_skip!();
+    exact_dense::<f16>(&dev);
+}
+
+fn one_hot_sweep<T: Half>(dev: &Device) {
+    let mut ws = MarlinWorkspace::new();
+    let mut rng = Rng::new(0x1407);
+    for &(m, n, k, gs, act_order) in &PROBE_CASES {
+        let prob = Problem::<T>::exact(n, k, gs, act_order, -6, 0, &mut rng);
+        let w = prob.weights(dev);
+        let wm = prob.w_matrix();
+        // Every K-row, M of them per launch.
+        for first in (0..k).step_by(m) {
+            let x = one_hot_rows(m, k, first);
+            let (y, plan) = run_rows(dev, &w, &x, m, k, k, &mut ws);
+            let what =
+                format!("{} one-hot X rows {first}.. m={m} {n}x{k} g={gs} act_order={act_order} {plan:?}", T::DTYPE);
+            common::assert_exact(&what, &y, &exact_ref(&x, m, k, &wm, n), n);
+        }
+        // Every K-row carries some column's single nonzero weight.
+        for set in 0..k.div_ceil(n) {
+            let p1 = Problem::<T>::one_hot_weights(n, k, gs, act_order, 7 * n * set, &mut rng);
+            let (w1, wm1) = (p1.weights(dev), p1.w_matrix());
+            let x = int_rows(&mut rng, m, k);
+            let (y, plan) = run_rows(dev, &w1, &x, m, k, k, &mut ws);
+            let what = format!("{} one-hot W set {set} m={m} {n}x{k} g={gs} act_order={act_order} {plan:?}", T::DTYPE);
+            common::assert_exact(&what, &y, &exact_ref(&x, m, k, &wm1, n), n);
+        }
+    }
+}
+
+#[test]
+fn one_hot_probes_bf16() {
+    let dev = gpu_or_skip!();
+    one_hot_sweep::<bf16>(&dev);
+}
+
+#[test]
+fn one_hot_probes_f16() {
+    let dev = gpu_or_skip!();
+    one_hot_sweep::<f16>(&dev);
+}
+
+/// Split-K stress (kernel_review C2): the same split-K GEMMs (16-way; 8-way over two m-blocks)
+/// launched back to back give bit-identical outputs, equal to the exact reference. Seed-agnostic:
+/// on lowbit-sim run it under several schedules, e.g.
+/// `LOWBIT_SIM_SEED=<n> cargo test --release --test gpu_marlin_gemm split_k_stress`, which
+/// reorders the blocks and warps (and so which split arrives last).
+#[test]
+fn split_k_stress() {
+    let dev = gpu_or_skip!();
+    let runs = common::pick(&dev, 1000, 12);
+    let mut ws = MarlinWorkspace::new();
+    let mut rng = Rng::new(0x5b11);
+    for (m, n, k, gs) in [(1, 256, 4096, GroupSize::Group(128)), (67, 512, 1024, GroupSize::Group(32))] {
+        let prob = Problem::<bf16>::exact(n, k, gs, false, -3, -1, &mut rng);
+        let w = prob.weights(&dev);
+        let wm = prob.w_matrix();
+        let x = exact_rows::<bf16>(&mut rng, m, k, &wm, n);
+        let want = exact_ref(&x, m, k, &wm, n);
+        let xd = dev.htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).unwrap();
+        let plan = plan_gemm(m, n, k, dev.info().sm_count).unwrap();
+        if dev.info().sm_count >= 132 {
+            assert!(plan.split_k >= 8, "{plan:?}: the stress shapes split K");
+        }
+        let mut outs: Vec<CudaSlice<bf16>> = (0..4).map(|_| dev.htod(&vec![nan::<bf16>(); m * n]).unwrap()).collect();
+        let mut launched = [true, false, false, false];
+        let first: Vec<bf16> = {
+            marlin_gemm_into(&dev, &xd, m, k, &w, &mut outs[0], &mut ws).unwrap();
+            dev.dtoh(&outs[0]).unwrap()
+        };
+        common::assert_exact(&format!("split-K stress {m}x{n}x{k} {plan:?}"), &first, &want, n);
+        for run in 1..runs {
+            // Several outputs in flight between host reads: back-to-back launches on the stream.
+            marlin_gemm_into(&dev, &xd, m, k, &w, &mut outs[run % 4], &mut ws).unwrap();
+            launched[run % 4] = true;
+            if run % 4 == 3 || run + 1 == runs {
+                for (j, o) in outs.iter().enumerate().filter(|(j, _)| launched[*j]) {
+                    let y: Vec<bf16> = dev.dtoh(o).unwrap();
+                    common::assert_bits_eq(
+                        &format!("split-K stress {m}x{n}x{k} {plan:?} run {run} out {j}"),
+                        &y,
+                        &first,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The plan variants `plan_gemm` can produce on 132 SMs (the simulator's default and an H200),
+/// as strings, and the ones the exact and probe cases reach.
+#[test]
+fn exact_cases_cover_every_plan_variant() {
+    use std::collections::BTreeSet;
+    let sm = 132;
+    let mut got = BTreeSet::new();
+    let mut note = |m: usize, n: usize, k: usize, gs: GroupSize, act: bool, pad: usize| {
+        let p = plan_gemm(m, n, k, sm).unwrap();
+        let inst = format!("m{}_{}", p.m_tiles, p.block.name());
+        got.insert(format!("{inst} split={}", p.split_k > 1));
+        got.insert(format!("{} group={gs}", p.block.name()));
+        if act {
+            got.insert(format!("{} act_order", p.block.name()));
+        }
+        if pad > 0 {
+            got.insert("lda > K".to_string());
+        }
+        if n % 256 != 0 {
+            got.insert(format!("{} N%256!=0", p.block.name()));
+        }
+        if k % 128 != 0 {
+            got.insert("K%128!=0".to_string());
+        }
+        if m % p.m_blk() != 0 {
+            got.insert("partial m-block".to_string());
+        }
+        if p.m_blocks > 1 {
+            got.insert(format!("m_blocks>1 split={}", p.split_k > 1));
+        }
+        if p.n_blocks > 1 {
+            got.insert(format!("{} n_blocks>1", p.block.name()));
+        }
+        if p.split_k == 16 {
+            got.insert("split=16".to_string());
+        }
+    };
+    for &(m, n, k, gs, act, pad) in &EXACT_CASES {
+        note(m, n, k, gs, act, pad);
+    }
+    let mut probed = BTreeSet::new();
+    for &(m, n, k, gs, act) in &PROBE_CASES {
+        note(m, n, k, gs, act, 0);
+        let p = plan_gemm(m, n, k, sm).unwrap();
+        probed.insert(format!("m{}_{}", p.m_tiles, p.block.name()));
+    }
+    let mut want = BTreeSet::new();
+    let mut instances = BTreeSet::new();
+    for m_tiles in 1..=4 {
+        for block in [BlockShape::N128K128, BlockShape::N256K64] {
+            if lowbit::marlin::gemm::plannable(m_tiles, block) {
+                let inst = format!("m{m_tiles}_{}", block.name());
+                for split in [false, true] {
+                    want.insert(format!("{inst} split={split}"));
+                }
+                instances.insert(inst);
+            }
+        }
+    }
+    for block in [BlockShape::N128K128, BlockShape::N256K64] {
+        for gs in [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise] {
+            want.insert(format!("{} group={gs}", block.name()));
+        }
+        want.insert(format!("{} act_order", block.name()));
+        want.insert(format!("{} N%256!=0", block.name()));
+        want.insert(format!("{} n_blocks>1", block.name()));
+    }
+    for v in ["lda > K", "K%128!=0", "partial m-block", "m_blocks>1 split=false", "m_blocks>1 split=true", "split=16"] {
+        want.insert(v.to_string());
+    }
+    let missing: Vec<_> = want.difference(&got).collect();
+    assert!(missing.is_empty(), "plan variants the exact cases miss: {missing:?}");
+    assert_eq!(probed, instances, "one one-hot sweep per kernel instance");
+    // Every instance the planner names for the dense GEMM is one of these (the table is complete).
+    for m in [1, 16, 17, 32, 33, 48, 49, 64, 65, 4096] {
+        for (n, k) in [(192, 128), (256, 192), (4096, 4096), (192, 4096)] {
+            let p = plan_gemm(m, n, k, sm).unwrap();
+            assert!(instances.contains(&format!("m{}_{}", p.m_tiles, p.block.name())), "{p:?}");
+        }
+    }
 }

@@ -3,6 +3,12 @@
 //! (the output is poisoned with NaN), blocks with expert −1 or a corrupt id are skipped without
 //! any out-of-bounds access, router weights are applied, every block size works.
 //! Routing blocks are built on the host here (the same contract as `moe_align_block_size`).
+//!
+//! Integer-exact cases (kernel_review C1): ternary activations, power-of-two scales and router
+//! weights, compared bit for bit on every routed row (and unrouted rows still hold the poison
+//! bits), plus one-hot activation probes, for every block size with both block shapes, expert
+//! maps (skipped and corrupt expert ids), GEMM1 (`top_k > 1`) and GEMM2 (`top_k = 1`) reads.
+//! On lowbit-sim (`common::on_sim`) the random-data tests run a reduced shape set.
 
 mod common;
 
@@ -167,8 +173,15 @@ fn check_moe<T: Half>(
 
 fn moe_grid<T: Half>(dev: &Device) {
     let mut seed = 100;
+    // The simulator replaces 666 tokens on 8 experts (21 blocks of 8 per expert) by 200 on 4
+    // (still several blocks per expert at every block size, about a third of the blocks).
+    let token_sets = common::pick(
+        dev,
+        [(1, 2, 8), (33, 2, 8), (123, 8, 16), (666, 2, 8)],
+        [(1, 2, 8), (33, 2, 8), (123, 8, 16), (200, 2, 4)],
+    );
     for &bs in &MOE_BLOCK_SIZES {
-        for (tokens, top_k, e) in [(1, 2, 8), (33, 2, 8), (123, 8, 16), (666, 2, 8)] {
+        for (tokens, top_k, e) in token_sets {
             for (n, k, gs) in [
                 (256, 128, GroupSize::Group(32)),
                 (128, 256, GroupSize::Channelwise),
@@ -200,9 +213,11 @@ fn moe_gemm_real_expert_shapes() {
     let dev = gpu_or_skip!();
     // Qwen3-30B-A3B experts (gate_up 1536x2048, down 2048x768) with 128 experts, top-8; Kimi-K2
     // expert down projection 7168x2048 (g = 32) with 16 experts to keep the reference cheap.
-    check_moe::<bf16>(&dev, 33, 8, 128, 1536, 2048, GroupSize::Group(128), 16, false, false, &[], 1);
-    check_moe::<bf16>(&dev, 5, 8, 128, 2048, 768, GroupSize::Group(128), 8, true, true, &[], 2);
-    check_moe::<f16>(&dev, 9, 8, 16, 7168, 2048, GroupSize::Group(32), 16, true, true, &[], 3);
+    // The simulator pays for every routed (expert, block) pair: fewer tokens and top-2 there.
+    let (t1, t2, t3, k1, k3) = common::pick(&dev, (33, 5, 9, 8, 8), (2, 2, 1, 2, 2));
+    check_moe::<bf16>(&dev, t1, k1, 128, 1536, 2048, GroupSize::Group(128), 16, false, false, &[], 1);
+    check_moe::<bf16>(&dev, t2, 8, 128, 2048, 768, GroupSize::Group(128), 8, true, true, &[], 2);
+    check_moe::<f16>(&dev, t3, k3, 16, 7168, 2048, GroupSize::Group(32), 16, true, true, &[], 3);
 }
 
 #[test]
@@ -273,4 +288,211 @@ fn moe_bad_input_is_a_typed_error() {
     assert!(
         MarlinExperts::<f16>::from_host(&dev, &[0; 10], &[f16::ZERO; 10], 2, 64, 128, GroupSize::Group(32)).is_err()
     );
+}
+
+// ---- integer-exact cases and one-hot probes (kernel_review C1) --------------------------------
+
+/// Random stacked experts for the exact cases: codes in −8..=7 (all sixteen), power-of-two
+/// scales `2^−3 .. 2^−1`; returns the Marlin experts and the dequantized `[E, N, K]`.
+fn exact_experts<T: Half>(
+    dev: &Device,
+    e: usize,
+    n: usize,
+    k: usize,
+    gs: GroupSize,
+    rng: &mut Rng,
+) -> (MarlinExperts<T>, Vec<f32>) {
+    let shape = QuantShape::new(n, k, gs).unwrap();
+    let (mut qw, mut sc, mut deq) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..e {
+        let codes: Vec<i8> = (0..n * k).map(|_| rng.below(16) as i8 - 8).collect();
+        let scales: Vec<T> = (0..shape.scales_len()).map(|_| T::from_f32(common::pow2(rng, -3, -1))).collect();
+        let packed = common::pack_codes(&codes);
+        // W[n][c] = T(q · s) straight from the codes (q · 2^e is exact).
+        let gpr = shape.groups_per_row();
+        deq.extend((0..n * k).map(|i| codes[i] as f32 * scales[(i / k) * gpr + (i % k) / shape.group].to_f32()));
+        qw.extend(refm::ct_marlin_repack(&packed, None, k, n).unwrap());
+        let gptq = transpose(&scales, n, gpr).unwrap();
+        sc.extend(refm::marlin_permute_scales(&gptq, k, n, shape.group).unwrap());
+    }
+    (MarlinExperts::from_host(dev, &qw, &sc, e, n, k, gs).unwrap(), deq)
+}
+
+/// The exact `tw · A[row] · W[e]ᵀ` of one slot (f64 from +0; every partial sum exact).
+fn slot_ref(a_row: &[f32], w: &[f32], e: usize, n: usize, k: usize, tw: f32) -> Vec<f64> {
+    (0..n)
+        .map(|c| {
+            let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
+            tw as f64
+                * a_row.iter().zip(wr).filter(|(x, _)| **x != 0.0).fold(0f64, |s, (x, w)| s + *x as f64 * *w as f64)
+        })
+        .collect()
+}
+
+/// One exact MoE GEMM case: ternary A (then one-hot A), power-of-two router weights, experts in
+/// `skip` not local (their blocks get −1, or a corrupt id beyond E for every second one), and
+/// valid-looking ids and experts beyond the used prefix (`num_tokens_post_padded`).
+#[allow(clippy::too_many_arguments)]
+fn exact_moe_case<T: Half>(
+    dev: &Device,
+    rng: &mut Rng,
+    (tokens, top_k, e): (usize, usize, usize),
+    (n, k, gs): (usize, usize, GroupSize),
+    bs: usize,
+    gemm2: bool,
+    weighted: bool,
+    skip: &[usize],
+) -> lowbit::marlin::gemm::GemmPlan {
+    let (experts, deq) = exact_experts::<T>(dev, e, n, k, gs, rng);
+    let topk_ids = random_topk(tokens, top_k, e, rng);
+    let mut r = route(&topk_ids, tokens, top_k, e, bs, skip);
+    // Every second skipped block carries a corrupt id instead of -1: skipped on the device too.
+    let mut flip = false;
+    for id in r.expert_ids.iter_mut().take(r.used / bs) {
+        if *id < 0 {
+            if flip {
+                *id = (e + 3) as i32;
+            }
+            flip = !flip;
+        }
+    }
+    let (a_rows, a_top_k) = if gemm2 { (tokens * top_k, 1) } else { (tokens, top_k) };
+    let out_rows = tokens * top_k;
+    // Beyond the used prefix: valid-looking ids and experts that the kernel must not touch.
+    let used_blocks = r.used / bs;
+    for id in &mut r.sorted[r.used..] {
+        *id = rng.below(out_rows) as i32;
+    }
+    for ex in &mut r.expert_ids[used_blocks..] {
+        *ex = rng.below(e) as i32;
+    }
+    let tw: Vec<f32> = (0..out_rows).map(|_| common::pow2(rng, -3, 0)).collect();
+    // Slot -> (expert, weight) of each routed id, for the exactness check of A's rows.
+    let mut route_of: Vec<Option<usize>> = vec![None; out_rows];
+    for (slot, &id) in r.sorted[..r.used].iter().enumerate() {
+        let ex = r.expert_ids[slot / bs];
+        if (id as usize) < out_rows && ex >= 0 && (ex as usize) < e {
+            route_of[id as usize] = Some(ex as usize);
+        }
+    }
+    let wt = |id: usize| if weighted { tw[id] } else { 1.0 };
+    let ids_of_row = |row: usize| if gemm2 { row..row + 1 } else { row * top_k..(row + 1) * top_k };
+    let what = format!(
+        "{} exact MoE tokens={tokens} top_k={top_k} E={e} {n}x{k} g={gs} bs={bs} gemm2={gemm2} \
+         weighted={weighted} skip={skip:?}",
+        T::DTYPE
+    );
+    let plan = lowbit::marlin::gemm::plan_moe_gemm(bs, r.sorted.len(), n, k, dev.info().sm_count).unwrap();
+    let nnz = if T::DTYPE == DType::F16 { 128 } else { 24 };
+    for kind in ["ternary", "one-hot"] {
+        let a: Vec<f32> = if kind == "ternary" {
+            common::ternary_rows(rng, a_rows, k, nnz, |row, x| {
+                ids_of_row(row).all(|id| {
+                    route_of[id]
+                        .is_none_or(|ex| slot_ref(x, &deq, ex, n, k, wt(id)).iter().all(|&v| common::exact_in::<T>(v)))
+                })
+            })
+        } else {
+            let off = rng.below(k);
+            (0..a_rows * k)
+                .map(|i| {
+                    if i % k == (off + 7 * (i / k)) % k {
+                        if (i / k) % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let at: Vec<T> = a.iter().map(|&v| T::from_f32(v)).collect();
+        let (ad, sorted, eids, ntpp, twd) = (
+            dev.htod(&at).unwrap(),
+            dev.htod(&r.sorted).unwrap(),
+            dev.htod(&r.expert_ids).unwrap(),
+            dev.htod(&[r.used as i32]).unwrap(),
+            dev.htod(&tw).unwrap(),
+        );
+        let poison = T::from_f32(f32::NAN);
+        let mut out = dev.htod(&vec![poison; out_rows * n]).unwrap();
+        let blocks =
+            MoeBlocks { sorted_token_ids: &sorted, expert_ids: &eids, num_tokens_post_padded: &ntpp, block_size: bs };
+        let mut ws = MarlinWorkspace::new();
+        marlin_moe_gemm(
+            dev,
+            &ad,
+            a_rows,
+            &experts,
+            &blocks,
+            a_top_k,
+            weighted.then_some(&twd),
+            &mut out,
+            out_rows,
+            &mut ws,
+        )
+        .unwrap();
+        let y: Vec<T> = dev.dtoh(&out).unwrap();
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for id in 0..out_rows {
+            let yr = &y[id * n..(id + 1) * n];
+            match route_of[id] {
+                Some(ex) => {
+                    let row = if gemm2 { id } else { id / top_k };
+                    got.extend_from_slice(yr);
+                    want.extend(slot_ref(&a[row * k..(row + 1) * k], &deq, ex, n, k, wt(id)));
+                }
+                None => assert!(
+                    yr.iter().all(|v| v.to_f32().to_bits() == poison.to_f32().to_bits()),
+                    "{what} {kind}: unrouted row {id} was written"
+                ),
+            }
+        }
+        common::assert_exact(&format!("{what} {kind} {plan:?}"), &got, &want, n);
+    }
+    plan
+}
+
+fn exact_moe<T: Half>(dev: &Device) -> Vec<lowbit::marlin::gemm::GemmPlan> {
+    let mut rng = Rng::new(0xC1_0E);
+    let groups = [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise];
+    let mut plans = Vec::new();
+    let mut i = 0;
+    for &bs in &MOE_BLOCK_SIZES {
+        // K % 128 == 0 with N % 256 != 0 (n128k128 up to 48 rows), K % 128 != 0 (n256k64), and
+        // N % 256 == 0 (n256k64 from 33 rows).
+        for (n, k) in [(192, 256), (256, 192), (256, 256)] {
+            // The next group size (in rotation) that divides K.
+            let gs = (0..4).map(|j| groups[(i + j) % 4]).find(|g| g.resolve("t", k).is_ok()).unwrap();
+            let gemm2 = i % 2 == 1;
+            let weighted = i % 3 != 2;
+            // 150 tokens top-2 on 4 experts: several blocks per expert at every block size, a
+            // partial last block; the expert-parallel cases skip two of them.
+            let skip: &[usize] = if i % 3 == 0 { &[1, 3] } else { &[] };
+            plans.push(exact_moe_case::<T>(dev, &mut rng, (150, 2, 4), (n, k, gs), bs, gemm2, weighted, skip));
+            i += 1;
+        }
+    }
+    // Many experts, top-8, a few tokens: blocks of one slot each.
+    plans.push(exact_moe_case::<T>(dev, &mut rng, (5, 8, 32), (128, 128, GroupSize::Group(64)), 16, false, true, &[]));
+    plans
+}
+
+#[test]
+fn exact_moe_gemm_bf16() {
+    let dev = gpu_or_skip!();
+    let plans = exact_moe::<bf16>(&dev);
+    // Every MoE instance the planner can name: m1..m3 with both blocks, m4 with n256k64.
+    let names: std::collections::BTreeSet<String> = plans.iter().map(|p| p.kernel_name(DType::BF16, true)).collect();
+    let all: std::collections::BTreeSet<String> =
+        lowbit::marlin::gemm::all_kernel_names(DType::BF16).into_iter().filter(|s| s.contains("_moe_")).collect();
+    assert_eq!(names, all, "the exact MoE cases run every MoE kernel instance");
+}
+
+#[test]
+fn exact_moe_gemm_f16() {
+    let dev = gpu_or_skip!();
+    exact_moe::<f16>(&dev);
 }

@@ -120,12 +120,32 @@ fn align_rejects_bad_input() {
     assert!(moe::moe_align_block_size(&dev, &good, 3, 2, 4, 8, Some(&map)).is_err(), "map size");
 }
 
-/// Rows whose ranking is decided by more than `eps` at every boundary (so last-ulp differences
-/// between the GPU's and the CPU's exp cannot flip them).
-fn decided(sel: &[f32], picked: &[i32], eps: f32) -> bool {
+/// Rows whose grouped selection is decided by more than `eps` at every boundary (so last-ulp
+/// differences between the GPU's and the CPU's exp cannot flip them): the `topk_group`-th best
+/// group score (sum of a group's best two) beats the next group's, and within the chosen groups
+/// the picked experts beat the rest and are strictly ordered. (The global ranking is not the
+/// criterion: experts of groups that were not chosen may score higher than picked ones.)
+fn decided(sel: &[f32], picked: &[i32], cfg: &GroupedTopK, eps: f32) -> bool {
+    let gsize = sel.len() / cfg.n_group;
+    let mut eligible: Vec<usize> = (0..sel.len()).collect();
+    if cfg.topk_group < cfg.n_group {
+        let mut scores: Vec<(f32, usize)> = (0..cfg.n_group)
+            .map(|g| {
+                let mut m: Vec<f32> = sel[g * gsize..(g + 1) * gsize].to_vec();
+                m.sort_by(|a, b| b.total_cmp(a));
+                (m.iter().take(2).sum(), g)
+            })
+            .collect();
+        scores.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if scores[cfg.topk_group - 1].0 - scores[cfg.topk_group].0 <= eps {
+            return false;
+        }
+        let chosen: Vec<usize> = scores[..cfg.topk_group].iter().map(|s| s.1).collect();
+        eligible.retain(|e| chosen.contains(&(e / gsize)));
+    }
     let worst = picked.iter().map(|&e| sel[e as usize]).fold(f32::INFINITY, f32::min);
     let best_rest =
-        (0..sel.len()).filter(|e| !picked.contains(&(*e as i32))).map(|e| sel[e]).fold(f32::NEG_INFINITY, f32::max);
+        eligible.iter().filter(|e| !picked.contains(&(**e as i32))).map(|&e| sel[e]).fold(f32::NEG_INFINITY, f32::max);
     let gaps_ok = picked.windows(2).all(|w| (sel[w[0] as usize] - sel[w[1] as usize]).abs() > eps);
     worst - best_rest > eps && gaps_ok
 }
@@ -192,7 +212,7 @@ fn grouped_gating_matches_reference() {
             let k = cfg.topk;
             let sel: Vec<f32> = (0..experts).map(|e| rm::sigmoid(logits[t * experts + e]) + bias[e]).collect();
             let want_ids = &want.ids[t * k..(t + 1) * k];
-            if !decided(&sel, want_ids, 1e-5) {
+            if !decided(&sel, want_ids, &cfg, 1e-5) {
                 continue; // a near-tie: last-ulp exp differences may legitimately flip it
             }
             checked += 1;

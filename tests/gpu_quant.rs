@@ -1,5 +1,7 @@
 //! GPU quantization kernels against the CPU reference, bit for bit (DESIGN §3, §5).
 //! Skips with a printed reason when no GPU is usable; fails under LOWBIT_REQUIRE_GPU=1.
+//! On lowbit-sim (`common::on_sim`) the real shapes shrink to ones that still take many
+//! grid-stride iterations (grouped) and long rows (channelwise).
 
 mod common;
 
@@ -88,17 +90,25 @@ fn fake_quant_matches_reference_all_dtypes_and_groups() {
 fn fake_quant_matches_reference_on_real_shapes() {
     let dev = gpu_or_skip!();
     // Kimi-K2 experts (hidden 7168, intermediate 2048, g = 32) and a large dense projection.
-    check_fwd::<bf16, bf16>(&dev, &QuantShape::new(4096, 7168, GroupSize::Group(32)).unwrap(), 100);
-    check_fwd::<bf16, bf16>(&dev, &QuantShape::new(7168, 2048, GroupSize::Group(32)).unwrap(), 101);
-    check_fwd::<bf16, bf16>(&dev, &QuantShape::new(7168, 18432, GroupSize::Group(128)).unwrap(), 102);
-    check_fwd::<bf16, bf16>(&dev, &QuantShape::new(1024, 18432, GroupSize::Channelwise).unwrap(), 103);
+    let full: &[(usize, usize, GroupSize)] = &[
+        (4096, 7168, GroupSize::Group(32)),
+        (7168, 2048, GroupSize::Group(32)),
+        (7168, 18432, GroupSize::Group(128)),
+        (1024, 18432, GroupSize::Channelwise),
+    ];
+    // The simulator: 131072 groups of 32 (15 grid-stride rounds of the 8448-block grid) and
+    // channelwise rows of 18432.
+    let sim: &[(usize, usize, GroupSize)] = &[(2048, 2048, GroupSize::Group(32)), (128, 18432, GroupSize::Channelwise)];
+    for (i, &(n, k, g)) in common::pick(&dev, full, sim).iter().enumerate() {
+        check_fwd::<bf16, bf16>(&dev, &QuantShape::new(n, k, g).unwrap(), 100 + i as u64);
+    }
 }
 
 #[test]
 fn random_shapes() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(77);
-    for i in 0..20 {
+    for i in 0..common::pick(&dev, 20, 10) {
         let g = GROUPS[rng.below(4)];
         let k = 128 * (1 + rng.below(24));
         let n = 1 + rng.below(300);
@@ -111,8 +121,9 @@ fn random_shapes() {
 fn layout_conversions_match_reference() {
     let dev = gpu_or_skip!();
     let mut rng = Rng::new(5);
+    let big = common::pick(&dev, (4096, 7168), (1024, 2048));
     for (n, k, g) in
-        [(64, 256, GroupSize::Group(128)), (100, 1024, GroupSize::Group(32)), (4096, 7168, GroupSize::Group(32))]
+        [(64, 256, GroupSize::Group(128)), (100, 1024, GroupSize::Group(32)), (big.0, big.1, GroupSize::Group(32))]
     {
         let shape = QuantShape::new(n, k, g).unwrap();
         let w: Vec<bf16> = rng.normal_vec(shape.numel(), 0.1);
@@ -175,7 +186,7 @@ fn wrong_lengths_are_rejected_before_launch() {
 #[test]
 fn deterministic_across_runs() {
     let dev = gpu_or_skip!();
-    let shape = QuantShape::new(512, 4096, GroupSize::Group(128)).unwrap();
+    let shape = QuantShape::new(common::pick(&dev, 512, 128), 4096, GroupSize::Group(128)).unwrap();
     let w: Vec<bf16> = Rng::new(9).normal_vec(shape.numel(), 0.02);
     let wd = dev.htod(&w).unwrap();
     let first = dev.dtoh(&quant::quantize_pack::<bf16, bf16>(&dev, &wd, &shape).unwrap().packed).unwrap();
