@@ -1,4 +1,4 @@
-//! PTX text → [`Module`](super::ast::Module).
+//! PTX text → [`Module`].
 
 use super::ast::*;
 use super::lexer::{lex, Tok, Token};
