@@ -6,7 +6,10 @@
 //!   instruction whose guard is false for every active lane still issues);
 //! * `thread_instructions`: active lanes summed over issued instructions (guard false counts 0);
 //! * `by_class`: warp-instructions per class (`int`, `fp32`, `half2`, `convert`, `mma`,
-//!   `global`, `shared`, `control`, `sync`);
+//!   `global`, `shared`, `control`, `sync`); `global` holds every non-shared memory instruction
+//!   (global, generic, `ld.param` — a constant-cache load on hardware —, `.local`, atomics,
+//!   `cp.async`), `shared` the shared-memory ones and `ldmatrix`/`stmatrix`, `sync` barriers,
+//!   fences, `cp.async` commit/wait and warp collectives;
 //! * `mma`: warp-level `mma` instructions;
 //! * `global_load_bytes` / `global_store_bytes`: bytes requested by active lanes (atomics count
 //!   as a load and a store; `cp.async` as a load);
