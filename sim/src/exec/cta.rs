@@ -242,6 +242,7 @@ impl Cta {
         let mut spent = 0u64;
         let nw = self.warps.len();
         let mut rot = 0usize;
+        let (progress0, polls0) = (l.progress, l.polls);
         loop {
             if self.done_warps == nw {
                 return Ok(true);
@@ -265,6 +266,11 @@ impl Cta {
                 return Err(self.deadlock(l));
             }
             if spent >= budget {
+                return Ok(false);
+            }
+            // A block that polls memory (volatile/relaxed/acquire loads) without storing,
+            // exiting or passing a barrier is waiting for another block: let the others run.
+            if spent >= 32768 && l.progress == progress0 && l.polls != polls0 {
                 return Ok(false);
             }
         }

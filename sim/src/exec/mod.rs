@@ -65,6 +65,9 @@ pub(crate) struct Launch<'a> {
     pub last_alloc: usize,
     /// Events that count as progress for hang detection (global stores, atomics, exits).
     pub progress: u64,
+    /// Polling loads (`ld.volatile`, `.relaxed`, `.acquire` on global or generic memory): a block
+    /// that polls without progress yields its time slice early.
+    pub polls: u64,
     pub sm_count: u32,
     pub seed: u64,
     pub start: Instant,
@@ -167,6 +170,7 @@ pub fn launch(
         nthreads: threads as u32,
         last_alloc: 0,
         progress: 0,
+        polls: 0,
         sm_count: sim.sm_count,
         seed: sim.seed,
         start,

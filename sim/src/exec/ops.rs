@@ -1090,7 +1090,12 @@ impl Cta {
                 put(regs!(), em, d, &o);
             }
             Op::Nanosleep { .. } => {}
-            Op::Ld { space, t, n, ds, addr, .. } => self.ld(l, wi, pc, em, space, t, n, ds, addr)?,
+            Op::Ld { space, t, n, ds, addr, volatile } => {
+                if volatile && !matches!(space, Space::Shared | Space::Param | Space::Local) {
+                    l.polls += 1;
+                }
+                self.ld(l, wi, pc, em, space, t, n, ds, addr)?
+            }
             Op::St { space, t, n, srcs, addr } => self.st(l, wi, pc, em, space, t, n, srcs, addr)?,
             Op::Atom { space, op, t, d, addr, b, c } => self.atom(l, wi, pc, em, space, op, t, d, addr, b, c)?,
             Op::CpAsync { cp_size, dst, src, src_size, ignore } => {
