@@ -209,6 +209,9 @@ __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
         asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(p));
     return p;
 }
+__device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -352,27 +355,29 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
 
     // ---- per-thread copy state, set up once. Copy i of a later stage is the same copy moved
     // by a loop-invariant stride, and its shared destination is a compile-time offset from the
-    // slot base: no index arithmetic per copy (review §2.6 #1). A source past the edge of the
-    // matrix (n-tile >= N, zero row) is zero-filled and points at an in-bounds address of the
-    // same buffer (row 0 / n-tile 0 of the same K-rows), so it can move with the others. ----
-    // B: chunk q = tid + 256 i of a stage is k16 tile q / (N_TILES*32), n-tile (q/32) % N_TILES,
-    // 16-byte chunk q % 32 (shared byte 16 q); the 256 threads cover B_KT_STEP k16 tiles per i.
+    // slot base: no index arithmetic per copy (review §2.6 #1). A copy whose source lies past
+    // the edge of the matrix (an n-tile >= N, a zero row) is the same in every stage: its
+    // shared chunk is zeroed once in every slot below and the copy is never issued. Its source
+    // pointer still points inside the buffer (n-tile 0 / row 0 of the same K-rows). ----
+    // B: copy i of thread tid is k16 tile kt = tid / (32 * N_TILES / B_ITERS), n-tile
+    // nt = B_ITERS * ((tid / 32) % (N_TILES / B_ITERS)) + i, 16-byte chunk tid % 32: the copies
+    // of one thread are adjacent n-tiles of one k16 row, 512 B apart in global and in shared.
     constexpr int B_CHUNKS = K_TILES * N_TILES * 32;
     static_assert(B_CHUNKS % kThreads == 0, "whole B copies per thread");
     constexpr int B_ITERS = B_CHUNKS / kThreads;
-    constexpr int B_KT_STEP = kThreads / (N_TILES * 32);
-    const int64_t row_words = 2 * N; // int32 per k16 row of tiles of the Marlin qweight
-    const int32_t *gB[B_ITERS];
-    uint32_t b_bytes;
-    const uint32_t b_dst = pinned(sbase + 16 * tid);
+    static_assert(N_TILES % B_ITERS == 0, "B copies of a thread share a k16 row");
+    constexpr int B_GROUPS = N_TILES / B_ITERS; // n-tile groups per k16 row
+    const int64_t row_words = 2 * N;            // int32 per k16 row of tiles of the Marlin qweight
+    const int32_t *gB;
+    bool b_ok[B_ITERS];
+    uint32_t b_dst;
     {
-        const int kt = tid / (N_TILES * 32), nt = (tid / 32) % N_TILES, c = tid % 32;
-        const int64_t gnt = nb * N_TILES + nt;
-        const bool b_ok = gnt * 64 < N;
-        b_bytes = b_ok ? 16 : 0;
-        const int32_t *b0 = B + (int64_t(it0) * K_TILES + kt) * row_words + (b_ok ? gnt * 128 : 0) + 4 * c;
+        const int kt = tid / (32 * B_GROUPS), nt0 = B_ITERS * ((tid / 32) % B_GROUPS), c = tid % 32;
+        const int64_t gnt0 = nb * N_TILES + nt0;
 #pragma unroll
-        for (int i = 0; i < B_ITERS; ++i) gB[i] = b0 + int64_t(i * B_KT_STEP) * row_words;
+        for (int i = 0; i < B_ITERS; ++i) b_ok[i] = (gnt0 + i) * 64 < N;
+        gB = B + (int64_t(it0) * K_TILES + kt) * row_words + (b_ok[0] ? gnt0 * 128 : 0) + 4 * c;
+        b_dst = pinned(sbase + ((kt * N_TILES + nt0) * 128 + 4 * c) * 4);
     }
     const int64_t b_stage = int64_t(K_TILES) * row_words;
     // Weights are streamed exactly once when one row block covers M (dense): evict_first would
@@ -392,7 +397,7 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     static_assert(kThreads % A_CHUNKS == 0 && (kThreads / A_CHUNKS) % 8 == 0, "A copy stride");
     static_assert(A_TOTAL % 32 == 0, "whole warps per A copy");
     const T *gA[A_ITERS];
-    uint32_t a_bytes[A_ITERS];
+    bool a_in[A_ITERS], a_ok[A_ITERS]; // chunk exists in the tile / its row is a real row
     uint32_t a_dst;
     {
         const int c = tid % A_CHUNKS;
@@ -401,52 +406,73 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int r = r0 + i * (kThreads / A_CHUNKS);
-            const long long row = r < M_BLK ? s_src[r] : -1;
-            a_bytes[i] = row >= 0 ? 16 : 0;
+            a_in[i] = A_TOTAL % kThreads == 0 || i + 1 < A_ITERS || tid < A_TOTAL - (A_ITERS - 1) * kThreads;
+            const long long row = a_in[i] ? s_src[r] : -1;
+            a_ok[i] = row >= 0;
             gA[i] = A + (row >= 0 ? row * p.lda : 0) + int64_t(it0) * K_BLK + 8 * c;
         }
     }
     // S (grouped): chunk tid is scale row tid / (N_TILES*8) of the stage, n-tile
     // (tid/8) % N_TILES, chunk tid % 8 (shared byte 16 tid). The stage's first row is
     // (it * K_BLK) >> gshift (group 32/64/128, a power of two): it advances by K_BLK / group
-    // rows every stage, or by one row every group / K_BLK stages.
+    // rows every stage (group <= K_BLK), or by one row every group / K_BLK = 2 stages
+    // (g = 128 with 64-deep stages). Load j of this block (stage it0 + j) goes to slot
+    // j % STAGES, and STAGES is even, so the slot's parity is j's: the advance after a load is
+    // s_adv[slot & 1], with no counter.
+    static_assert(STAGES % 2 == 0, "S advance by slot parity");
     constexpr int S_PER_ROW = N_TILES * 8;
     const int s_rows = p.group < K_BLK ? static_cast<int>(K_BLK >> gshift) : 1;
     const bool s_copy = !channelwise && tid < s_rows * S_PER_ROW;
-    const int s_every = p.group > K_BLK ? static_cast<int>(p.group / K_BLK) : 1;
-    const int64_t s_step = (p.group > K_BLK ? 1 : (K_BLK >> gshift)) * N;
-    int s_cnt = it0 % s_every;
+    int64_t s_adv[2] = {0, 0}; // channelwise: no scale loads
+    if (channelwise) {
+    } else if (p.group > K_BLK) {
+        if (p.group != 2 * K_BLK) __trap(); // groups are 32/64/128 (host-checked), K_BLK >= 64
+        // after load j the next stage it0 + j + 1 starts a new group iff it is even
+        s_adv[0] = ((it0 + 1) & 1) == 0 ? N : 0; // j even
+        s_adv[1] = (it0 & 1) == 0 ? N : 0;       // j odd
+    } else {
+        s_adv[0] = s_adv[1] = (K_BLK >> gshift) * N;
+    }
     const T *gS;
-    uint32_t s_bytes;
+    bool s_ok;
     const uint32_t sc_dst = pinned(sbase + S_OFF + 16 * tid);
     {
         const int gi = tid / S_PER_ROW, nt = (tid / 8) % N_TILES, c = tid % 8;
         const int64_t gnt = nb * N_TILES + nt;
-        const bool s_ok = gnt * 64 < N;
-        s_bytes = s_ok ? 16 : 0;
+        s_ok = gnt * 64 < N;
         gS = S + ((int64_t(it0) * K_BLK) >> gshift) * N + (s_copy ? gi * N : 0) + (s_ok ? gnt * 64 : 0) + 8 * c;
+    }
+
+    // Zero, once, the shared chunks of the copies that are never issued (see above).
+#pragma unroll
+    for (int slot = 0; slot < STAGES; ++slot) {
+#pragma unroll
+        for (int i = 0; i < B_ITERS; ++i)
+            if (!b_ok[i]) st_shared_zero16(b_dst + slot * B_BYTES + i * 512);
+#pragma unroll
+        for (int i = 0; i < A_ITERS; ++i)
+            if (a_in[i] && !a_ok[i]) st_shared_zero16(a_dst + slot * A_BYTES + i * 4096);
+        if (s_copy && !s_ok) st_shared_zero16(sc_dst + slot * S_BYTES);
     }
 
     auto load_stage = [&](int slot) {
 #pragma unroll
         for (int i = 0; i < B_ITERS; ++i) {
-            if constexpr (kWeightsEvictFirst)
-                cp_async16_hint(b_dst + slot * B_BYTES + i * (kThreads * 16), gB[i], b_bytes, b_policy);
-            else
-                cp_async16(b_dst + slot * B_BYTES + i * (kThreads * 16), gB[i], b_bytes);
-            gB[i] += b_stage;
+            if (b_ok[i]) {
+                if constexpr (kWeightsEvictFirst)
+                    cp_async16_hint(b_dst + slot * B_BYTES + i * 512, gB + 128 * i, 16, b_policy);
+                else
+                    cp_async16(b_dst + slot * B_BYTES + i * 512, gB + 128 * i, 16);
+            }
         }
+        gB += b_stage;
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
-            if (A_TOTAL % kThreads == 0 || i + 1 < A_ITERS || tid < A_TOTAL - (A_ITERS - 1) * kThreads)
-                cp_async16(a_dst + slot * A_BYTES + i * 4096, gA[i], a_bytes[i]);
+            if (a_ok[i]) cp_async16(a_dst + slot * A_BYTES + i * 4096, gA[i], 16);
             gA[i] += K_BLK;
         }
-        if (s_copy) cp_async16(sc_dst + slot * S_BYTES, gS, s_bytes);
-        if (++s_cnt == s_every) {
-            s_cnt = 0;
-            gS += s_step;
-        }
+        if (s_copy && s_ok) cp_async16(sc_dst + slot * S_BYTES, gS, 16);
+        gS += s_adv[slot & 1];
     };
 
     // ---- channelwise scales: one row, written once into row 0 of every stage's scale slot in
