@@ -10,7 +10,8 @@
 //!   GPU entry points return `Error::KernelsNotBuilt`. `LOWBIT_REQUIRE_KERNELS=1` turns a missing
 //!   nvcc or a compile error into a build failure.
 //! * A family directory may hold `instances.list`: one template instantiation per line,
-//!   `name threads ParamType device_function<args...>`, turned into an `extern "C"` kernel
+//!   `name threads ParamType device_function<args...>` (threads: `256` or `256,2`, the
+//!   `__launch_bounds__` arguments), turned into an `extern "C"` kernel
 //!   wrapper in a generated translation unit and into the generated Rust kernel table, so Rust
 //!   dispatch can only name kernels that were built.
 //! * With the `bindgen` feature, `src/ffi/bindings.rs` is regenerated from `csrc/include/lowbit.h`.
@@ -25,7 +26,8 @@ use std::process::Command;
 
 struct Instance {
     name: String,
-    threads: u32,
+    /// `__launch_bounds__` arguments: `THREADS` or `THREADS,MIN_BLOCKS_PER_SM`.
+    threads: String,
     params: String,
     call: String,
 }
@@ -209,9 +211,16 @@ fn discover_families(csrc: &Path) -> std::io::Result<Vec<Family>> {
                 if fields.len() != 4 {
                     panic!("{}:{}: expected `name threads Params call`", list.display(), lineno + 1);
                 }
-                let threads = fields[1]
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{}:{}: thread count `{}`", list.display(), lineno + 1, fields[1]));
+                let bounds: Vec<&str> = fields[1].split(',').collect();
+                if bounds.len() > 2 || bounds.iter().any(|b| b.parse::<u32>().is_err()) {
+                    panic!(
+                        "{}:{}: launch bounds `{}` (THREADS or THREADS,MIN_BLOCKS)",
+                        list.display(),
+                        lineno + 1,
+                        fields[1]
+                    );
+                }
+                let threads = fields[1].to_string();
                 instances.push(Instance {
                     name: fields[0].to_string(),
                     threads,

@@ -69,6 +69,8 @@ namespace mgemm {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// L2::evict_first on the weight stream (see load_stage's setup in gemm()).
+constexpr bool kWeightsEvictFirst = false;
 
 // ---- 16-bit type traits: the exponent-trick constants and the mma instruction ----------------
 template <typename T> struct Half16;
@@ -114,36 +116,111 @@ template <typename V> __device__ __forceinline__ V from_bits(uint32_t u) {
     return v;
 }
 
-// The B-fragment register holding nibbles (s/4, s/4 + 4) of `word` (s = 0, 4, 8, 12), dequantised
-// and scaled: (T(q_lo * s), T(q_hi * s)) with q = u - 8. See the header comment.
-template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int shift, typename Half16<T>::T2 scale) {
-    using T2 = typename Half16<T>::T2;
-    const uint32_t biased = ((word >> shift) & 0x000f000fu) | Half16<T>::kBase; // (base+u_lo, base+u_hi)
-    // The _rn forms are never contracted into an FMA with neighbouring operations.
-    const T2 q = __hsub2_rn(from_bits<T2>(biased), from_bits<T2>(Half16<T>::kBias)); // exact u - 8
-    return bits_of(__hmul2_rn(q, scale));                                            // one rounding
+// (a & B) | C in one LOP3 (LUT 0xEA = (0xF0 & 0xCC) | 0xAA). nvcc does not fuse the `&` and the
+// `|` of two different immediates by itself, because a SASS LOP3 holds only one 32-bit
+// immediate; here the second constant lives in a loop-invariant register.
+template <uint32_t B, uint32_t C> __device__ __forceinline__ uint32_t and_or(uint32_t a) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(B), "n"(C));
+    return d;
 }
+
+// The four B-fragment registers of one Marlin word (see the header comment), dequantised and
+// scaled: b[0] = nibbles (0,4), b[1] = (1,5) with scale s0 (subtile 2j); b[2] = (2,6),
+// b[3] = (3,7) with scale s1 (subtile 2j+1). Every pair is (T(q_lo * s), T(q_hi * s)),
+// q = u - 8 exact, one rounding in the multiply (DESIGN §1/§3).
+template <typename T> struct Dequant;
+
+// bf16: 3 SHF + 4 LOP3 per word. The nibble pair at bits [4,8) | [20,24) cannot be used in
+// place, because bf16 has 7 mantissa bits: 0x00f0 reaches into the exponent.
+template <> struct Dequant<__nv_bfloat16> {
+    using T2 = __nv_bfloat162;
+    static __device__ __forceinline__ uint32_t q8(uint32_t biased) { // (128+u) - 136 = q, exact
+        return bits_of(__hsub2_rn(from_bits<T2>(biased), from_bits<T2>(0x43084308u)));
+    }
+    static __device__ __forceinline__ void word(uint32_t w, T2 s0, T2 s1, uint32_t b[4]) {
+        b[0] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w))), s0));
+        b[1] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w >> 4))), s0));
+        b[2] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w >> 8))), s1));
+        b[3] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w >> 12))), s1));
+    }
+};
+
+// f16: 1 SHF + 4 LOP3 per word (IST Marlin's trick). The low nibble of each byte is OR-ed into
+// 1024.0 (0x6400, ulp 1): 1024 + u, and (1024 + u) - 1032 = q exactly. The high nibble is
+// masked in place (0x00f0: mantissa bits 4..7, f16 has 10): 1024 + 16u, exact; then
+// fma(1024 + 16u, 1/16, -72) = 64 + u - 72 = q: 1/16 (0x2c00) and -72 (0xd480) are exact f16,
+// the exact result q is an integer in [-8, 7], so the fma's one rounding is exact too (q = 0
+// gives +0, as the subtraction does). The multiply by the scale is then the same single rounding
+// as on the bf16 path: bit-identical weights T(q * s).
+template <> struct Dequant<__half> {
+    using T2 = __half2;
+    static __device__ __forceinline__ uint32_t lo(uint32_t biased) { // 1024 + u -> q
+        return bits_of(__hsub2_rn(from_bits<T2>(biased), from_bits<T2>(0x64086408u)));
+    }
+    static __device__ __forceinline__ uint32_t hi(uint32_t biased) { // 1024 + 16u -> q
+        return bits_of(__hfma2(from_bits<T2>(biased), from_bits<T2>(0x2c002c00u), from_bits<T2>(0xd480d480u)));
+    }
+    static __device__ __forceinline__ void word(uint32_t w, T2 s0, T2 s1, uint32_t b[4]) {
+        const uint32_t w8 = w >> 8;
+        b[0] = bits_of(__hmul2_rn(from_bits<T2>(lo(and_or<0x000f000fu, 0x64006400u>(w))), s0));
+        b[1] = bits_of(__hmul2_rn(from_bits<T2>(hi(and_or<0x00f000f0u, 0x64006400u>(w))), s0));
+        b[2] = bits_of(__hmul2_rn(from_bits<T2>(lo(and_or<0x000f000fu, 0x64006400u>(w8))), s1));
+        b[3] = bits_of(__hmul2_rn(from_bits<T2>(hi(and_or<0x00f000f0u, 0x64006400u>(w8))), s1));
+    }
+};
+
+// The pair (x.lo, x.lo) / (x.hi, x.hi) of a 32-bit pair of scales.
+__device__ __forceinline__ __half2 bcast_lo(__half2 x) { return __low2half2(x); }
+__device__ __forceinline__ __half2 bcast_hi(__half2 x) { return __high2half2(x); }
+__device__ __forceinline__ __nv_bfloat162 bcast_lo(__nv_bfloat162 x) { return __low2bfloat162(x); }
+__device__ __forceinline__ __nv_bfloat162 bcast_hi(__nv_bfloat162 x) { return __high2bfloat162(x); }
 
 // ---- PTX wrappers ------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte global -> shared copy; src_bytes == 0 zero-fills the destination without reading.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
+// A value the compiler must keep in a register instead of recomputing it at every use: NVVM
+// rematerialises %tid-derived addresses inside the unrolled main loop (an S2R plus the index
+// arithmetic per use), which costs ALU issue slots on every stage.
+__device__ __forceinline__ uint32_t pinned(uint32_t x) {
+    asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
+    return x;
+}
+
+// 16-byte global -> shared copy to shared address `dst`; src_bytes 16, or 0: zero-fills the
+// destination without reading (the source must still be a valid address of the buffer).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, uint32_t src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// The same with an L2 cache policy (from createpolicy).
+__device__ __forceinline__ void cp_async16_hint(uint32_t dst, const void *src, uint32_t src_bytes, uint64_t policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes), "l"(policy));
+}
+// L2 policies: evict_first for data streamed exactly once (the weights at M <= 64), evict_normal
+// otherwise.
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
+    uint64_t p;
+    if (evict_first)
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+    else
+        asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(p));
+    return p;
+}
+__device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
 
 __device__ __forceinline__ float4 ld_cg_f4(const float *p) {
@@ -263,54 +340,154 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     }
     __syncthreads();
 
-    int32_t *sB = reinterpret_cast<int32_t *>(smem);
-    T *sA = reinterpret_cast<T *>(smem + size_t(STAGES) * B_WORDS * 4);
-    T *sS = reinterpret_cast<T *>(smem + size_t(STAGES) * (B_WORDS * 4 + A_ELEMS * 2));
-
-    // ---- channelwise scales: one row, loaded once (column i/4 + 8b of this warp's n-tile) ----
+    // ---- shared memory map: slot s of a stream at its base + s * its stage bytes ----
+    constexpr uint32_t B_BYTES = B_WORDS * 4, A_BYTES = A_ELEMS * 2, S_BYTES = S_ELEMS * 2;
+    constexpr uint32_t A_OFF = STAGES * B_BYTES, S_OFF = STAGES * (B_BYTES + A_BYTES);
+    const uint32_t sbase = smem_addr(smem);
     const bool channelwise = p.channelwise != 0;
-    T2 cw_scale[8];
+
+    // ---- the stage iterations of this split (32-bit: K / 64 < 2^31 for any K a device holds) ----
+    const int64_t iters64 = K / K_BLK;
+    if (iters64 > 0x7fffffff) __trap();
+    const int iters = static_cast<int>(iters64);
+    const int it0 = static_cast<int>(int64_t(split) * iters / split_k);
+    const int n_it = static_cast<int>(int64_t(split + 1) * iters / split_k) - it0;
+
+    // ---- per-thread copy state, set up once. Copy i of a later stage is the same copy moved
+    // by a loop-invariant stride, and its shared destination is a compile-time offset from the
+    // slot base: no index arithmetic per copy (review §2.6 #1). A copy whose source lies past
+    // the edge of the matrix (an n-tile >= N, a zero row) is the same in every stage: its
+    // shared chunk is zeroed once in every slot below and the copy is never issued. Its source
+    // pointer still points inside the buffer (n-tile 0 / row 0 of the same K-rows). ----
+    // B: copy i of thread tid is k16 tile kt = tid / (32 * N_TILES / B_ITERS), n-tile
+    // nt = B_ITERS * ((tid / 32) % (N_TILES / B_ITERS)) + i, 16-byte chunk tid % 32: the copies
+    // of one thread are adjacent n-tiles of one k16 row, 512 B apart in global and in shared.
+    constexpr int B_CHUNKS = K_TILES * N_TILES * 32;
+    static_assert(B_CHUNKS % kThreads == 0, "whole B copies per thread");
+    constexpr int B_ITERS = B_CHUNKS / kThreads;
+    static_assert(N_TILES % B_ITERS == 0, "B copies of a thread share a k16 row");
+    constexpr int B_GROUPS = N_TILES / B_ITERS; // n-tile groups per k16 row
+    const int64_t row_words = 2 * N;            // int32 per k16 row of tiles of the Marlin qweight
+    const int32_t *gB;
+    bool b_ok[B_ITERS];
+    uint32_t b_dst;
     {
-        const int64_t tile_col = n0 + 64 * wn;
+        const int kt = tid / (32 * B_GROUPS), nt0 = B_ITERS * ((tid / 32) % B_GROUPS), c = tid % 32;
+        const int64_t gnt0 = nb * N_TILES + nt0;
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-            float s = 0.0f;
-            if (channelwise && tile_col < N) s = static_cast<float>(S[tile_col + channelwise_pos(lane / 4 + 8 * b)]);
-            cw_scale[b] = H::pair(s, s); // exact: s is already a T
+        for (int i = 0; i < B_ITERS; ++i) b_ok[i] = (gnt0 + i) * 64 < N;
+        gB = B + (int64_t(it0) * K_TILES + kt) * row_words + (b_ok[0] ? gnt0 * 128 : 0) + 4 * c;
+        b_dst = pinned(sbase + ((kt * N_TILES + nt0) * 128 + 4 * c) * 4);
+    }
+    const int64_t b_stage = int64_t(K_TILES) * row_words;
+    // Weights are streamed exactly once when one row block covers M (dense): evict_first would
+    // keep them out of the way of the activations and partials in L2 (MoE re-reads an expert for
+    // each of its routing blocks, M > 64 re-reads B per row block: normal priority there). Off
+    // (kWeightsEvictFirst) until lowbit-sim parses `::` in opcodes: it rejects both
+    // `createpolicy.fractional.L2::evict_first.b64 %rd464, 1.0;` and
+    // `cp.async.cg.shared.global.L2::cache_hint [%r169], [%rd499], 16, %r22, %rd464;`
+    // ("expected a name, found Punct(58)").
+    uint64_t b_policy = 0;
+    if constexpr (kWeightsEvictFirst) b_policy = l2_policy(!MOE && p.m_blocks == 1);
+
+    // A: chunk q = tid + 256 i is row q / A_CHUNKS, chunk q % A_CHUNKS, stored at chunk position
+    // c ^ (r % 8); 256 / A_CHUNKS rows (a multiple of 8) per i, so copy i lands 4096 B after copy 0.
+    constexpr int A_TOTAL = M_BLK * A_CHUNKS;
+    constexpr int A_ITERS = (A_TOTAL + kThreads - 1) / kThreads;
+    static_assert(kThreads % A_CHUNKS == 0 && (kThreads / A_CHUNKS) % 8 == 0, "A copy stride");
+    static_assert(A_TOTAL % 32 == 0, "whole warps per A copy");
+    const T *gA[A_ITERS];
+    bool a_in[A_ITERS], a_ok[A_ITERS]; // chunk exists in the tile / its row is a real row
+    uint32_t a_dst;
+    {
+        const int c = tid % A_CHUNKS;
+        const int r0 = tid / A_CHUNKS;
+        a_dst = pinned(sbase + A_OFF + (r0 * K_BLK + 8 * (c ^ (r0 & 7))) * 2);
+#pragma unroll
+        for (int i = 0; i < A_ITERS; ++i) {
+            const int r = r0 + i * (kThreads / A_CHUNKS);
+            a_in[i] = A_TOTAL % kThreads == 0 || i + 1 < A_ITERS || tid < A_TOTAL - (A_ITERS - 1) * kThreads;
+            const long long row = a_in[i] ? s_src[r] : -1;
+            a_ok[i] = row >= 0;
+            gA[i] = A + (row >= 0 ? row * p.lda : 0) + int64_t(it0) * K_BLK + 8 * c;
         }
     }
+    // S (grouped): chunk tid is scale row tid / (N_TILES*8) of the stage, n-tile
+    // (tid/8) % N_TILES, chunk tid % 8 (shared byte 16 tid). The stage's first row is
+    // (it * K_BLK) >> gshift (group 32/64/128, a power of two): it advances by K_BLK / group
+    // rows every stage (group <= K_BLK), or by one row every group / K_BLK = 2 stages
+    // (g = 128 with 64-deep stages). Load j of this block (stage it0 + j) goes to slot
+    // j % STAGES, and STAGES is even, so the slot's parity is j's: the advance after a load is
+    // s_adv[slot & 1], with no counter.
+    static_assert(STAGES % 2 == 0, "S advance by slot parity");
+    constexpr int S_PER_ROW = N_TILES * 8;
+    const int s_rows = p.group < K_BLK ? static_cast<int>(K_BLK >> gshift) : 1;
+    const bool s_copy = !channelwise && tid < s_rows * S_PER_ROW;
+    int64_t s_adv[2] = {0, 0}; // channelwise: no scale loads
+    if (channelwise) {
+    } else if (p.group > K_BLK) {
+        if (p.group != 2 * K_BLK) __trap(); // groups are 32/64/128 (host-checked), K_BLK >= 64
+        // after load j the next stage it0 + j + 1 starts a new group iff it is even
+        s_adv[0] = ((it0 + 1) & 1) == 0 ? N : 0; // j even
+        s_adv[1] = (it0 & 1) == 0 ? N : 0;       // j odd
+    } else {
+        s_adv[0] = s_adv[1] = (K_BLK >> gshift) * N;
+    }
+    const T *gS;
+    bool s_ok;
+    const uint32_t sc_dst = pinned(sbase + S_OFF + 16 * tid);
+    {
+        const int gi = tid / S_PER_ROW, nt = (tid / 8) % N_TILES, c = tid % 8;
+        const int64_t gnt = nb * N_TILES + nt;
+        s_ok = gnt * 64 < N;
+        gS = S + ((int64_t(it0) * K_BLK) >> gshift) * N + (s_copy ? gi * N : 0) + (s_ok ? gnt * 64 : 0) + 8 * c;
+    }
 
-    // ---- one pipeline stage: B tiles, A rows, scale rows of stage iteration `it` ----
-    auto load_stage = [&](int slot, int64_t it) {
-        const int64_t k0 = it * K_BLK;
-        int32_t *dB = sB + slot * B_WORDS;
-        for (int q = tid; q < K_TILES * N_TILES * 32; q += kThreads) {
-            const int kt = q / (N_TILES * 32), nt = (q / 32) % N_TILES, c = q % 32;
-            const int64_t gnt = nb * N_TILES + nt;
-            const bool ok = gnt * 64 < N;
-            const int32_t *src = B + (k0 / 16 + kt) * (2 * N) + gnt * 128 + 4 * c;
-            cp_async16(dB + (kt * N_TILES + nt) * 128 + 4 * c, ok ? src : B, ok);
-        }
-        T *dA = sA + slot * A_ELEMS;
-        for (int q = tid; q < M_BLK * A_CHUNKS; q += kThreads) {
-            const int r = q / A_CHUNKS, c = q % A_CHUNKS;
-            const long long row = s_src[r];
-            const T *src = row >= 0 ? A + row * p.lda + k0 + 8 * c : A;
-            cp_async16(dA + r * K_BLK + 8 * (c ^ (r & 7)), src, row >= 0);
-        }
-        if (!channelwise) {
-            const int64_t g0 = k0 >> gshift;
-            const int ng = p.group < K_BLK ? static_cast<int>(K_BLK >> gshift) : 1;
-            T *dS = sS + slot * S_ELEMS;
-            for (int q = tid; q < ng * N_TILES * 8; q += kThreads) {
-                const int gi = q / (N_TILES * 8), nt = (q / 8) % N_TILES, c = q % 8;
-                const int64_t gnt = nb * N_TILES + nt;
-                const bool ok = gnt * 64 < N;
-                const T *src = S + (g0 + gi) * N + gnt * 64 + 8 * c;
-                cp_async16(dS + gi * N_BLK + nt * 64 + 8 * c, ok ? src : S, ok);
+    // Zero, once, the shared chunks of the copies that are never issued (see above).
+#pragma unroll
+    for (int slot = 0; slot < STAGES; ++slot) {
+#pragma unroll
+        for (int i = 0; i < B_ITERS; ++i)
+            if (!b_ok[i]) st_shared_zero16(b_dst + slot * B_BYTES + i * 512);
+#pragma unroll
+        for (int i = 0; i < A_ITERS; ++i)
+            if (a_in[i] && !a_ok[i]) st_shared_zero16(a_dst + slot * A_BYTES + i * 4096);
+        if (s_copy && !s_ok) st_shared_zero16(sc_dst + slot * S_BYTES);
+    }
+
+    auto load_stage = [&](int slot) {
+#pragma unroll
+        for (int i = 0; i < B_ITERS; ++i) {
+            if (b_ok[i]) {
+                if constexpr (kWeightsEvictFirst)
+                    cp_async16_hint(b_dst + slot * B_BYTES + i * 512, gB + 128 * i, 16, b_policy);
+                else
+                    cp_async16(b_dst + slot * B_BYTES + i * 512, gB + 128 * i, 16);
             }
         }
+        gB += b_stage;
+#pragma unroll
+        for (int i = 0; i < A_ITERS; ++i) {
+            if (a_ok[i]) cp_async16(a_dst + slot * A_BYTES + i * 4096, gA[i], 16);
+            gA[i] += K_BLK;
+        }
+        if (s_copy && s_ok) cp_async16(sc_dst + slot * S_BYTES, gS, 16);
+        gS += s_adv[slot & 1];
     };
+
+    // ---- channelwise scales: one row, written once into row 0 of every stage's scale slot in
+    // the grouped order (position 8x + b of an n-tile holds its column x + 8b), so the compute
+    // reads both kinds the same way; no stage load ever overwrites them. ----
+    if (channelwise) {
+        for (int e = tid; e < N_BLK; e += kThreads) {
+            const int nt = e / 64, x = (e % 64) / 8, b = e % 8;
+            const int64_t tile_col = n0 + 64 * nt;
+            const T s = tile_col < N ? S[tile_col + channelwise_pos(x + 8 * b)] : static_cast<T>(0.0f);
+            T *sS = reinterpret_cast<T *>(smem + S_OFF);
+#pragma unroll
+            for (int slot = 0; slot < STAGES; ++slot) sS[slot * S_ELEMS + e] = s;
+        }
+    }
 
     float acc[M_TILES][8][4];
 #pragma unroll
@@ -320,68 +497,69 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][b][e] = 0.0f;
 
-    // ---- this warp's share of one resident stage ----
-    auto compute = [&](int slot, int64_t it) {
-        const int64_t k0 = it * K_BLK;
-        const int32_t *cB = sB + slot * B_WORDS;
-        const T *cA = sA + slot * A_ELEMS;
-        const T *cS = sS + slot * S_ELEMS;
+    // ---- this warp's share of one resident stage: k16 tiles kt = wk + t * WARPS_K ----
+    // Per-thread shared read offsets (bytes within a slot), set once.
+    uint32_t rB[KT_PER_WARP], rS[KT_PER_WARP], rA[KT_PER_WARP];
+#pragma unroll
+    for (int t = 0; t < KT_PER_WARP; ++t) {
+        const int kt = wk + t * WARPS_K;
+        rB[t] = pinned(((kt * N_TILES + wn) * 128 + 4 * lane) * 4);
+        // The scale row of k16 tile kt within the stage: group >= 32 and K_BLK is a multiple of
+        // the group or smaller than it, so this is (k0 + 16 kt) / group - k0 / group.
+        const int gl = channelwise ? 0 : (16 * kt) >> gshift;
+        rS[t] = pinned((gl * N_BLK + wn * 64 + 8 * (lane / 4)) * 2);
+        const int r = lane & 15, c = 2 * kt + (lane >> 4);
+        // m16 tile mt adds 16 * mt rows (the same r % 8)
+        rA[t] = pinned(sbase + A_OFF + (r * K_BLK + 8 * (c ^ (r & 7))) * 2);
+    }
+    auto compute = [&](int slot) {
 #pragma unroll
         for (int t = 0; t < KT_PER_WARP; ++t) {
-            const int kt = wk + t * WARPS_K;
-            const int4 words = *reinterpret_cast<const int4 *>(cB + (kt * N_TILES + wn) * 128 + 4 * lane);
-            T2 sc[8];
-            if (channelwise) {
+            const uint4 words = *reinterpret_cast<const uint4 *>(smem + slot * B_BYTES + rB[t]);
+            const uint4 sraw = *reinterpret_cast<const uint4 *>(smem + S_OFF + slot * S_BYTES + rS[t]);
+            const uint32_t s4[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
+            T2 sc[8]; // (s_b, s_b) for the columns lane/4 + 8b
 #pragma unroll
-                for (int b = 0; b < 8; ++b) sc[b] = cw_scale[b];
-            } else {
-                const int gl = static_cast<int>(((k0 + 16 * kt) >> gshift) - (k0 >> gshift));
-                const int4 raw = *reinterpret_cast<const int4 *>(cS + gl * N_BLK + wn * 64 + 8 * (lane / 4));
-                const T *v = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-                for (int b = 0; b < 8; ++b) sc[b] = T2(v[b], v[b]);
+            for (int h = 0; h < 4; ++h) {
+                sc[2 * h] = bcast_lo(from_bits<T2>(s4[h]));
+                sc[2 * h + 1] = bcast_hi(from_bits<T2>(s4[h]));
             }
             uint32_t af[M_TILES][4];
 #pragma unroll
-            for (int mt = 0; mt < M_TILES; ++mt) {
-                const int r = 16 * mt + (lane & 15);
-                const int c = 2 * kt + (lane >> 4);
-                ldmatrix_x4(af[mt], cA + r * K_BLK + 8 * (c ^ (r & 7)));
-            }
-            const uint32_t w4[4] = {static_cast<uint32_t>(words.x), static_cast<uint32_t>(words.y),
-                                    static_cast<uint32_t>(words.z), static_cast<uint32_t>(words.w)};
+            for (int mt = 0; mt < M_TILES; ++mt)
+                ldmatrix_x4(af[mt], rA[t] + slot * A_BYTES + mt * (16 * K_BLK * 2));
+            const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const uint32_t b00 = dequant_pair<T>(w4[j], 0, sc[2 * j]);
-                const uint32_t b01 = dequant_pair<T>(w4[j], 4, sc[2 * j]);
-                const uint32_t b10 = dequant_pair<T>(w4[j], 8, sc[2 * j + 1]);
-                const uint32_t b11 = dequant_pair<T>(w4[j], 12, sc[2 * j + 1]);
+                uint32_t b[4];
+                Dequant<T>::word(w4[j], sc[2 * j], sc[2 * j + 1], b);
 #pragma unroll
                 for (int mt = 0; mt < M_TILES; ++mt) {
-                    H::mma(acc[mt][2 * j], af[mt], b00, b01);
-                    H::mma(acc[mt][2 * j + 1], af[mt], b10, b11);
+                    H::mma(acc[mt][2 * j], af[mt], b[0], b[1]);
+                    H::mma(acc[mt][2 * j + 1], af[mt], b[2], b[3]);
                 }
             }
         }
     };
 
-    // ---- main loop: wait for stage i, prefetch stage i + STAGES - 1 into the slot freed by i - 1 ----
-    const int64_t iters = K / K_BLK;
-    const int64_t it0 = split * iters / split_k;
-    const int64_t it1 = (split + 1) * iters / split_k;
-    const int64_t n_it = it1 - it0;
+    // ---- main loop: wait for stage i, prefetch stage i + STAGES - 1 into the slot freed by
+    // i - 1. Unrolled over STAGES so that every slot offset is a compile-time constant. ----
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < n_it) load_stage(s, it0 + s);
+        if (s < n_it) load_stage(s);
         cp_async_commit(); // always commit: group i is stage i
     }
-    for (int64_t i = 0; i < n_it; ++i) {
-        cp_async_wait<STAGES - 2>(); // groups 0..i complete (this thread's copies)
-        __syncthreads();             // ... and everyone's; slot (i-1) % STAGES is no longer read
-        const int64_t next = i + STAGES - 1;
-        if (next < n_it) load_stage(static_cast<int>(next % STAGES), it0 + next);
-        cp_async_commit();
-        compute(static_cast<int>(i % STAGES), it0 + i);
+#pragma unroll 1
+    for (int i0 = 0; i0 < n_it; i0 += STAGES) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            if (i0 + s >= n_it) break;
+            cp_async_wait<STAGES - 2>(); // groups 0..i complete (this thread's copies)
+            __syncthreads();             // ... and everyone's; slot (i-1) % STAGES is no longer read
+            if (i0 + s + STAGES - 1 < n_it) load_stage((s + STAGES - 1) % STAGES);
+            cp_async_commit();
+            compute(s);
+        }
     }
     cp_async_wait<0>();
     __syncthreads(); // the pipeline space is free: reuse it for the epilogue tile
