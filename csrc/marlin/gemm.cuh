@@ -70,7 +70,7 @@ namespace mgemm {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // L2::evict_first on the weight stream (see load_stage's setup in gemm()).
-constexpr bool kWeightsEvictFirst = false;
+constexpr bool kWeightsEvictFirst = true;
 
 // ---- 16-bit type traits: the exponent-trick constants and the mma instruction ----------------
 template <typename T> struct Half16;
@@ -382,11 +382,8 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     const int64_t b_stage = int64_t(K_TILES) * row_words;
     // Weights are streamed exactly once when one row block covers M (dense): evict_first would
     // keep them out of the way of the activations and partials in L2 (MoE re-reads an expert for
-    // each of its routing blocks, M > 64 re-reads B per row block: normal priority there). Off
-    // (kWeightsEvictFirst) until lowbit-sim parses `::` in opcodes: it rejects both
-    // `createpolicy.fractional.L2::evict_first.b64 %rd464, 1.0;` and
-    // `cp.async.cg.shared.global.L2::cache_hint [%r169], [%rd499], 16, %r22, %rd464;`
-    // ("expected a name, found Punct(58)").
+    // each of its routing blocks, M > 64 re-reads B per row block: normal priority there). A hint
+    // only: results cannot change (lowbit-sim accepts and ignores the policy).
     uint64_t b_policy = 0;
     if constexpr (kWeightsEvictFirst) b_policy = l2_policy(!MOE && p.m_blocks == 1);
 
