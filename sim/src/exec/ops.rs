@@ -1373,16 +1373,7 @@ impl Cta {
         for i in 0..n as usize {
             put(regs, em, ds[i], &vals[i]);
         }
-        if l.profiling {
-            if is_global {
-                l.prof.global_load_bytes += acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
-                l.prof.global_load_sectors += crate::profile::sectors(acc.get());
-            }
-            if is_shared {
-                l.prof.shared_requests += 1;
-                l.prof.shared_wavefronts += shared_wavefronts(sacc.get(), total);
-            }
-        }
+        account(l, true, is_global.then_some(&acc), is_shared.then_some(&sacc), total);
         Ok(())
     }
 
@@ -1447,16 +1438,7 @@ impl Cta {
                 return Err(mem_report(self, l, wi, lane as u32, pc, e));
             }
         }
-        if l.profiling {
-            if is_global {
-                l.prof.global_store_bytes += acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
-                l.prof.global_store_sectors += crate::profile::sectors(acc.get());
-            }
-            if is_shared {
-                l.prof.shared_requests += 1;
-                l.prof.shared_wavefronts += shared_wavefronts(sacc.get(), total);
-            }
-        }
+        account(l, false, is_global.then_some(&acc), is_shared.then_some(&sacc), total);
         Ok(())
     }
 
@@ -1679,6 +1661,28 @@ impl Cta {
             }
         }
         Ok(())
+    }
+}
+
+/// Profile accounting of one warp-level load (`load`) or store request.
+fn account(l: &mut Launch<'_>, load: bool, global: Option<&Acc>, shared: Option<&SAcc>, size: usize) {
+    if !l.profiling {
+        return;
+    }
+    if let Some(acc) = global {
+        let bytes = acc.get().iter().map(|x| x.1 as u64).sum::<u64>();
+        let sectors = crate::profile::sectors(acc.get());
+        if load {
+            l.prof.global_load_bytes += bytes;
+            l.prof.global_load_sectors += sectors;
+        } else {
+            l.prof.global_store_bytes += bytes;
+            l.prof.global_store_sectors += sectors;
+        }
+    }
+    if let Some(sacc) = shared {
+        l.prof.shared_requests += 1;
+        l.prof.shared_wavefronts += shared_wavefronts(sacc.get(), size);
     }
 }
 
