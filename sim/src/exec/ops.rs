@@ -1686,41 +1686,28 @@ fn account(l: &mut Launch<'_>, load: bool, global: Option<&Acc>, shared: Option<
     }
 }
 
-/// Per-lane accesses of one warp request, for the profile (no allocation).
+/// Per-lane `(address, bytes)` of one warp request, for the profile (no allocation).
 #[derive(Default)]
-struct Acc {
-    v: [(u64, u32); 32],
+struct Lanes32<A: Copy + Default> {
+    v: [(A, u32); 32],
     n: usize,
 }
-impl Acc {
+impl<A: Copy + Default> Lanes32<A> {
     #[inline]
-    fn push(&mut self, x: (u64, u32)) {
+    fn push(&mut self, x: (A, u32)) {
         if self.n < 32 {
             self.v[self.n] = x;
             self.n += 1;
         }
     }
-    fn get(&self) -> &[(u64, u32)] {
+    fn get(&self) -> &[(A, u32)] {
         &self.v[..self.n]
     }
 }
-#[derive(Default)]
-struct SAcc {
-    v: [(u32, u32); 32],
-    n: usize,
-}
-impl SAcc {
-    #[inline]
-    fn push(&mut self, x: (u32, u32)) {
-        if self.n < 32 {
-            self.v[self.n] = x;
-            self.n += 1;
-        }
-    }
-    fn get(&self) -> &[(u32, u32)] {
-        &self.v[..self.n]
-    }
-}
+/// Global accesses (64-bit addresses).
+type Acc = Lanes32<u64>;
+/// Shared accesses (32-bit shared-window addresses).
+type SAcc = Lanes32<u32>;
 
 fn shared_wavefronts(acc: &[(u32, u32)], size: usize) -> u64 {
     let per = match size {
