@@ -71,8 +71,10 @@ typedef struct LowbitMarlinGemmParams {
     const int32_t *b;       /* Marlin qweight */
     const void *scales;     /* Marlin-permuted scales (T) */
     void *out;              /* dense [m, n]; MoE [out_rows, n] (T) */
-    float *partials;        /* split-K partial tiles [tiles, split_k, m_blk, n_blk]; null if split_k == 1 */
-    int32_t *counters;      /* split-K arrival counters [tiles]: zero before and after each launch */
+    float *partials;        /* stream-K pieces [2 * gridDim.x, m_blk, n_blk] (2 slots per CTA), or null
+                             * when no tile can be cut (every tile whole: tiles % gridDim.x == 0) */
+    int32_t *counters;      /* stream-K arrival counters [m_blocks * n_blocks]: zero before and after
+                             * each launch (null with partials) */
     const int32_t *sorted_token_ids;      /* MoE: [capacity]; slot value = token * top_k + j, or padding (>= out_rows) */
     const int32_t *expert_ids;            /* MoE: [capacity / block_size]; -1 (or out of range) = skip the block */
     const int32_t *num_tokens_post_padded; /* MoE: device scalar, the used prefix of sorted_token_ids */
@@ -90,7 +92,8 @@ typedef struct LowbitMarlinGemmParams {
     int64_t capacity;       /* MoE: length of sorted_token_ids */
     int64_t smem_bytes;     /* dynamic shared memory the host gave the launch (checked by the kernel) */
     int32_t channelwise;    /* 1: one scale row, 32-element scale permutation */
-    int32_t split_k;        /* dense: K split across this many blocks (deterministic reduction); MoE: 1 */
+    int32_t max_pieces;     /* stream-K: the most pieces a tile is cut into (>= 2 stage iterations
+                             * each); 1: tiles are never cut (needs no partials) */
 } LowbitMarlinGemmParams;
 
 /* Act-order activation gather for 16-bit types: dst[r, j] = src[r * lda + perm[j]] (dst is

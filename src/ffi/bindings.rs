@@ -254,7 +254,7 @@ pub struct LowbitMarlinGemmParams {
     pub capacity: i64,
     pub smem_bytes: i64,
     pub channelwise: i32,
-    pub split_k: i32,
+    pub max_pieces: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -299,8 +299,8 @@ const _: () = {
         [::core::mem::offset_of!(LowbitMarlinGemmParams, smem_bytes) - 168usize];
     ["Offset of field: LowbitMarlinGemmParams::channelwise"]
         [::core::mem::offset_of!(LowbitMarlinGemmParams, channelwise) - 176usize];
-    ["Offset of field: LowbitMarlinGemmParams::split_k"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, split_k) - 180usize];
+    ["Offset of field: LowbitMarlinGemmParams::max_pieces"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, max_pieces) - 180usize];
 };
 impl Default for LowbitMarlinGemmParams {
     fn default() -> Self {

@@ -11,8 +11,10 @@
 //!
 //! The weights the kernel multiplies by are exactly `T(q · s)` (one rounding of the exact
 //! product), the values `fake_quant` produces: training and rollout see the same weights.
-//! Split-K is deterministic: partial tiles are summed in a fixed order, so the same inputs give
-//! bit-identical outputs on every run (on the same device: the plan depends on the SM count).
+//! The grid is persistent: about one CTA per resident CTA slot, whole tiles round-robin, then the
+//! remaining tiles' K-iterations split evenly over the CTAs (stream-K). Pieces of a cut tile are
+//! summed in a fixed order, so the same inputs give bit-identical outputs on every run (on the
+//! same device: the plan depends on the SM count).
 //!
 //! Shape limits: `N % 64 == 0` (the Marlin layout), `K % 64 == 0` (the kernels' pipeline stage is
 //! 64 or 128 K-rows deep and has no partial-stage predication; the layout itself needs only
@@ -37,8 +39,8 @@ const FAMILY: &str = "marlin";
 pub const THREADS: u32 = 256;
 /// Pipeline stages of every GEMM kernel.
 pub const STAGES: usize = 4;
-/// The largest split-K factor the planner uses.
-pub const MAX_SPLIT_K: usize = 16;
+/// The most pieces stream-K cuts one tile into (each at least two stage iterations).
+pub const MAX_PIECES: usize = 16;
 /// The routing block sizes the MoE GEMM accepts.
 pub const MOE_BLOCK_SIZES: [usize; 5] = [8, 16, 32, 48, 64];
 
@@ -85,19 +87,31 @@ impl BlockShape {
     }
 }
 
-/// A launch plan: which kernel instance, how many blocks, how much shared memory and workspace.
+/// A launch plan: which kernel instance, how many CTAs, how much shared memory and workspace.
+///
+/// The schedule (`csrc/marlin/gemm.cuh`, "Schedule"; the kernel computes it, these methods mirror
+/// it): tile `t` is (row block `t % m_blocks`, column block `t / m_blocks`); the first
+/// [`GemmPlan::dp_tiles`] tiles go whole, round-robin, to the `ctas` CTAs; the stage iterations
+/// of the other tiles are split into [`GemmPlan::sk_ctas`] equal ranges (stream-K), and a tile cut
+/// into pieces is summed, in a fixed order, by its last piece to finish. For the MoE GEMM the
+/// kernel uses the row blocks of the used prefix (`num_tokens_post_padded`, on the device)
+/// instead of `m_blocks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmPlan {
     /// m16 tiles per block (1..=4): the block covers `16 · m_tiles` rows.
     pub m_tiles: usize,
     /// The block tile.
     pub block: BlockShape,
-    /// K split across this many blocks (1 for MoE).
-    pub split_k: usize,
+    /// CTAs in the (one-dimensional, persistent) grid.
+    pub ctas: usize,
+    /// Stage iterations per tile, `K / k_blk`.
+    pub iters: usize,
     /// Row blocks (dense: `ceil(M / (16 · m_tiles))`; MoE: routing blocks of the capacity).
     pub m_blocks: usize,
     /// Column blocks, `ceil(N / n_blk)`.
     pub n_blocks: usize,
+    /// The MoE GEMM (its tiles in use are only known on the device).
+    pub moe: bool,
 }
 
 impl GemmPlan {
@@ -131,27 +145,84 @@ impl GemmPlan {
         self.m_blocks * self.n_blocks
     }
 
-    /// Blocks in the (one-dimensional) grid.
+    /// Blocks in the (one-dimensional) grid: `ctas`.
     pub fn grid_blocks(&self) -> usize {
-        self.tiles() * self.split_k
+        self.ctas
     }
 
-    /// f32 elements of split-K partial tiles the launch needs in the workspace (0 without split).
+    /// Tiles computed whole in the data-parallel rounds (a multiple of `ctas`).
+    pub fn dp_tiles(&self) -> usize {
+        self.tiles() / self.ctas.max(1) * self.ctas.max(1)
+    }
+
+    /// Tiles left to stream-K.
+    pub fn sk_tiles(&self) -> usize {
+        self.tiles() - self.dp_tiles()
+    }
+
+    /// CTAs sharing the stream-K iterations (0 when every tile is data-parallel).
+    pub fn sk_ctas(&self) -> usize {
+        let w = self.sk_tiles() * self.iters;
+        let min_it = 2usize.max(self.iters.div_ceil(MAX_PIECES));
+        if w == 0 {
+            0
+        } else {
+            (w / min_it).clamp(1, self.ctas.max(1))
+        }
+    }
+
+    /// Whether some tile is cut into pieces (summed through the workspace).
+    pub fn cuts_tiles(&self) -> bool {
+        let (w, g) = (self.sk_tiles() * self.iters, self.sk_ctas());
+        // Every range boundary c·w/g (0 < c < g) must fall on a tile boundary for no cut.
+        (1..g).any(|c| (c * w / g) % self.iters != 0)
+    }
+
+    /// The most pieces any tile is cut into (1: none is cut).
+    pub fn max_pieces_per_tile(&self) -> usize {
+        let (w, g, it) = (self.sk_tiles() * self.iters, self.sk_ctas(), self.iters);
+        if g == 0 {
+            return 1;
+        }
+        let owner = |x: usize| ((x + 1) * g).div_ceil(w) - 1;
+        (0..self.sk_tiles()).map(|t| owner((t + 1) * it - 1) - owner(t * it) + 1).max().unwrap_or(1)
+    }
+
+    /// Whether the launch may cut a tile: dense, when [`GemmPlan::cuts_tiles`]; MoE, always
+    /// (the tiles in use are counted on the device).
+    pub fn needs_workspace(&self) -> bool {
+        self.moe || self.cuts_tiles()
+    }
+
+    /// f32 elements of stream-K pieces the launch needs in the workspace: two tile slots per CTA
+    /// (0 when no tile is cut).
     pub fn workspace_partials(&self) -> usize {
-        if self.split_k > 1 {
-            self.grid_blocks() * self.m_blk() * self.block.n_blk()
+        if self.needs_workspace() {
+            2 * self.ctas * self.m_blk() * self.block.n_blk()
         } else {
             0
         }
     }
 
-    /// Split-K arrival counters the launch needs in the workspace (0 without split).
+    /// Stream-K arrival counters the launch needs in the workspace: one per tile (0 when no tile
+    /// is cut).
     pub fn workspace_counters(&self) -> usize {
-        if self.split_k > 1 {
+        if self.needs_workspace() {
             self.tiles()
         } else {
             0
         }
+    }
+}
+
+/// Resident CTAs per SM the instances are built for (`instances.list` launch bounds: m1 3, m2 2,
+/// larger blocks 1); the persistent grid has this many CTAs per SM. Where shared memory allows
+/// fewer (sm_86/sm_89), the CTAs run in as many waves of equal work: still balanced.
+pub const fn ctas_per_sm(m_tiles: usize) -> usize {
+    match m_tiles {
+        1 => 3,
+        2 => 2,
+        _ => 1,
     }
 }
 
@@ -192,8 +263,7 @@ fn block_shape(m_tiles: usize, n: usize, k: usize) -> BlockShape {
 }
 
 /// The dense tile configuration for `M × N × K` on a device with `sm_count` SMs. Pure: same
-/// inputs, same plan. Splits K (deterministically) only when the output tiles cannot fill the
-/// device, keeping at least two stage iterations per split.
+/// inputs, same plan. See [`GemmPlan`] for the schedule.
 pub fn plan_gemm(m: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPlan> {
     const OP: &str = "plan_gemm";
     if m == 0 {
@@ -209,16 +279,18 @@ pub fn plan_gemm(m: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPl
     let n_blocks = n.div_ceil(block.n_blk());
     let tiles = m_blocks * n_blocks;
     let iters = k / block.k_blk();
-    let sm = sm_count.max(1);
-    let split_k = if tiles >= sm { 1 } else { (sm / tiles).min(iters / 2).clamp(1, MAX_SPLIT_K) };
-    let plan = GemmPlan { m_tiles, block, split_k, m_blocks, n_blocks };
+    // One CTA per resident slot, but at least two stage iterations per CTA on average.
+    let slots = sm_count.max(1) * ctas_per_sm(m_tiles);
+    let ctas = slots.min((tiles * iters / 2).max(1));
+    let plan = GemmPlan { m_tiles, block, ctas, iters, m_blocks, n_blocks, moe: false };
     if plan.grid_blocks() > i32::MAX as usize {
         return Err(Error::shape(OP, format!("{m} x {n} needs too many blocks")));
     }
     Ok(plan)
 }
 
-/// The MoE tile configuration: one routing block of `block_size` rows per row block, no split-K.
+/// The MoE tile configuration: one routing block of `block_size` rows per row block; a
+/// persistent grid over the tiles the kernel finds in use (the used prefix is on the device).
 pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPlan> {
     const OP: &str = "plan_moe_gemm";
     if !MOE_BLOCK_SIZES.contains(&block_size) {
@@ -233,17 +305,18 @@ pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_
     check_gemm_shape(OP, n, k, k)?;
     let m_tiles = block_size.div_ceil(16);
     let m_blocks = capacity / block_size;
-    // Few columns per expert (small N): narrower blocks give more of them.
-    let _ = sm_count;
     let block = block_shape(m_tiles, n, k);
-    let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks, n_blocks: n.div_ceil(block.n_blk()) };
-    if plan.grid_blocks() > i32::MAX as usize {
+    let n_blocks = n.div_ceil(block.n_blk());
+    let slots = sm_count.max(1) * ctas_per_sm(m_tiles);
+    let ctas = slots.min(m_blocks * n_blocks);
+    let plan = GemmPlan { m_tiles, block, ctas, iters: k / block.k_blk(), m_blocks, n_blocks, moe: true };
+    if plan.tiles() > i32::MAX as usize {
         return Err(Error::shape(OP, "too many routing blocks"));
     }
     Ok(plan)
 }
 
-/// Caller-owned, reusable scratch space of the GEMM: split-K partial tiles and arrival counters.
+/// Caller-owned, reusable scratch space of the GEMM: stream-K pieces and arrival counters.
 ///
 /// Grows on demand (never shrinks); the counters are zero between launches (the kernel resets
 /// them). Reuse one per stream; it is tied to the device it was first used on.
@@ -275,12 +348,15 @@ impl MarlinWorkspace {
         }
         let need_p = plan.workspace_partials();
         if need_p > 0 && self.partials.as_ref().is_none_or(|p| p.len() < need_p) {
-            // Partial tiles are always written before they are read: no initialisation needed,
-            // but zeros are cheap and keep the buffer defined.
-            self.partials = Some(dev.zeros::<f32>(need_p)?);
+            self.partials = None; // free first so the peak stays one buffer
+                                  // SAFETY: a piece is always written (by its CTA) before the last piece of its tile
+                                  // reads it, in the same launch: the kernel never reads a slot it did not write.
+            self.partials = Some(unsafe { dev.alloc_for_kernel::<f32>(need_p)? });
         }
         let need_c = plan.workspace_counters();
         if need_c > 0 && self.counters.as_ref().is_none_or(|c| c.len() < need_c) {
+            self.counters = None;
+            // The kernel relies on zero counters between launches (and leaves them zero).
             self.counters = Some(dev.zeros::<i32>(need_c)?);
         }
         Ok(())
@@ -350,17 +426,13 @@ fn launch_gemm<T: Half>(
     let (a, _ga) = dev.ptr(op, "x", l.a, 16)?;
     let (b, _gb) = dev.ptr(op, "qweight", l.qweight, 16)?;
     let (s, _gs) = dev.ptr(op, "scales", l.scales, 16)?;
-    let partials = match (&mut ws.partials, plan.split_k > 1) {
-        (Some(p), true) => Some(dev.ptr_mut(op, "workspace", p, 16)?),
-        _ => None,
+    let (partials, counters) = match (&mut ws.partials, &mut ws.counters, plan.needs_workspace()) {
+        (Some(p), Some(c), true) => {
+            (Some(dev.ptr_mut(op, "workspace", p, 16)?), Some(dev.ptr_mut(op, "workspace", c, 4)?))
+        }
+        (_, _, true) => return Err(Error::invalid(op, "the workspace could not be reserved")),
+        _ => (None, None),
     };
-    let counters = match (&mut ws.counters, plan.split_k > 1) {
-        (Some(c), true) => Some(dev.ptr_mut(op, "workspace", c, 4)?),
-        _ => None,
-    };
-    if plan.split_k > 1 && (partials.is_none() || counters.is_none()) {
-        return Err(Error::invalid(op, "the workspace could not be reserved"));
-    }
     let moe_ptrs = match &l.moe {
         Some(mo) => Some((
             dev.ptr(op, "sorted_token_ids", mo.blocks.sorted_token_ids, 4)?,
@@ -396,7 +468,7 @@ fn launch_gemm<T: Half>(
         capacity: 0,
         smem_bytes: smem as i64,
         channelwise: l.geom.channelwise as i32,
-        split_k: plan.split_k as i32,
+        max_pieces: MAX_PIECES as i32,
     };
     if let (Some(mo), Some((sorted, experts, ntpp, tw))) = (&l.moe, &moe_ptrs) {
         params.sorted_token_ids = sorted.0 as *const _;
@@ -769,7 +841,7 @@ pub fn all_kernel_names(dtype: DType) -> Vec<String> {
                 if !plannable(m_tiles, block) {
                     continue;
                 }
-                let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks: 1, n_blocks: 1 };
+                let plan = GemmPlan { m_tiles, block, ctas: 1, iters: 1, m_blocks: 1, n_blocks: 1, moe };
                 v.push(plan.kernel_name(dtype, moe));
             }
         }

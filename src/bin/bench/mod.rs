@@ -562,7 +562,10 @@ fn bench_gemm<T: Half>(b: &Bench, a: &GemmArgs) -> Result<()> {
             rec.insert("dtype".into(), json!(dtype_name::<T>()));
             rec.insert("kernel".into(), json!(plan.kernel_name(T::DTYPE, false)));
             rec.insert("grid_blocks".into(), json!(plan.grid_blocks()));
-            rec.insert("split_k".into(), json!(plan.split_k));
+            rec.insert("tiles".into(), json!(plan.tiles()));
+            rec.insert("dp_tiles".into(), json!(plan.dp_tiles()));
+            rec.insert("sk_ctas".into(), json!(plan.sk_ctas()));
+            rec.insert("max_pieces_per_tile".into(), json!(plan.max_pieces_per_tile()));
             b.report(rec, bytes as f64, 2.0 * (m * n * k) as f64, weight_bytes as f64, outcome);
         }
     }
