@@ -94,6 +94,18 @@ typedef struct LowbitMarlinGemmParams {
     int32_t channelwise;    /* 1: one scale row, 32-element scale permutation */
     int32_t max_pieces;     /* stream-K: the most pieces a tile is cut into (>= 2 stage iterations
                              * each); 1: tiles are never cut (needs no partials) */
+    /* MoE top-k sum fused into the epilogue (the fused MoE's GEMM2), or sum_out == null:
+     * sum_out[t, n] = T(sum over k = 0..sum_topk-1 in order, over the local slots s = t*sum_topk+k,
+     * of out[s, n]) where a slot is local iff 0 <= topk_ids[s] < global_experts and
+     * (expert_map == null or expert_map[topk_ids[s]] >= 0); rows of tokens with no local slot are
+     * zero. The tile that completes a token's row block (sum_counters) sums it. */
+    void *sum_out;                /* [sum_tokens, n] (T) */
+    int32_t *sum_counters;        /* [sum_tokens * ceil(n / n_blk)]: zero before and after each launch */
+    const int32_t *topk_ids;      /* [sum_tokens * sum_topk] global expert ids */
+    const int32_t *expert_map;    /* [global_experts]: local id or -1; null: every expert is local */
+    int64_t sum_tokens;
+    int64_t sum_topk;
+    int64_t global_experts;
 } LowbitMarlinGemmParams;
 
 /* Act-order activation gather for 16-bit types: dst[r, j] = src[r * lda + perm[j]] (dst is

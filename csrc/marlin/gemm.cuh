@@ -247,6 +247,24 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
     return r;
 }
 
+__device__ __forceinline__ uint2 ld_cg_u2(const void *p) {
+    uint2 v;
+    asm volatile("ld.global.cg.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+// The fused top-k sum (LowbitMarlinGemmParams::sum_out): whether slot s is local.
+__device__ __forceinline__ bool sum_slot_local(const LowbitMarlinGemmParams &p, int64_t s) {
+    const int32_t id = __ldg(p.topk_ids + s);
+    if (id < 0 || id >= p.global_experts) return false;
+    return p.expert_map == nullptr || __ldg(p.expert_map + id) >= 0;
+}
+__device__ __forceinline__ int sum_local_slots(const LowbitMarlinGemmParams &p, int64_t t) {
+    int n = 0;
+    for (int64_t k = 0; k < p.sum_topk; ++k) n += sum_slot_local(p, t * p.sum_topk + k);
+    return n;
+}
+
 // Position of column x (0..63) of an n-tile inside the Marlin channelwise scale permutation.
 __device__ __forceinline__ int channelwise_pos(int x) {
     const int y = x & 31;
@@ -338,6 +356,17 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     // Grouped scales: group is 32, 64 or 128 (a power of two); shift instead of dividing.
     const int gshift = __ffsll(static_cast<long long>(p.group)) - 1;
     const bool channelwise = p.channelwise != 0;
+
+    if constexpr (MOE) {
+        // Fused top-k sum: tokens with no local slot get zero rows (no tile will sum them).
+        if (p.sum_out != nullptr) {
+            T *so = static_cast<T *>(p.sum_out);
+            for (int64_t t = blockIdx.x; t < p.sum_tokens; t += gridDim.x) {
+                if (sum_local_slots(p, t) != 0) continue; // uniform: every thread reads the same ids
+                for (int64_t i = tid; i < N; i += kThreads) so[t * N + i] = static_cast<T>(0.0f);
+            }
+        }
+    }
 
 #pragma unroll 1
     for (;;) {
@@ -677,6 +706,50 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     };
     const int slot = s_seg_slot;
     const int64_t n0 = s_seg_nb * N_BLK; // re-read: not kept in a register across the main loop
+    // The fused top-k sum, after this tile's rows are stored: each row bumps its token's counter
+    // for this column block; the row completing a token sums the token's local slots in k order.
+    auto token_sums = [&]() {
+        if constexpr (MOE) {
+            if (p.sum_out == nullptr) return;
+            __threadfence(); // this thread's output stores are visible device-wide ...
+            __syncthreads(); // ... for every thread, before the counters move
+            if (tid < M_BLK) {
+                long long fin = -1;
+                const long long dst = s_dst[tid];
+                if (dst >= 0) {
+                    const long long t = dst / p.sum_topk;
+                    int *ctr = p.sum_counters + t * n_blocks + s_seg_nb;
+                    if (atomicAdd(ctr, 1) == sum_local_slots(p, t) - 1) {
+                        atomicExch(ctr, 0); // all of the token's slots arrived: ready for the next launch
+                        fin = t;
+                    }
+                }
+                s_src[tid] = fin; // s_src is free after the main loop
+            }
+            __syncthreads();
+            __threadfence();
+            T *so = static_cast<T *>(p.sum_out);
+            const T *rows = static_cast<const T *>(p.out);
+            for (int q = tid; q < VECS; q += kThreads) {
+                const int r = q / (N_BLK / 4), c = 4 * (q % (N_BLK / 4));
+                const long long t = s_src[r];
+                if (t < 0 || n0 + c >= N) continue;
+                float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                for (int64_t k = 0; k < p.sum_topk; ++k) {
+                    const int64_t sl = t * p.sum_topk + k;
+                    if (!sum_slot_local(p, sl)) continue;
+                    const uint2 v = ld_cg_u2(rows + sl * N + n0 + c);
+                    const T2 lo = from_bits<T2>(v.x), hi = from_bits<T2>(v.y);
+                    acc.x += __low2float(lo); acc.y += __high2float(lo);
+                    acc.z += __low2float(hi); acc.w += __high2float(hi);
+                }
+                uint2 packed;
+                packed.x = bits_of(H::pair(acc.x, acc.y));
+                packed.y = bits_of(H::pair(acc.z, acc.w));
+                *reinterpret_cast<uint2 *>(so + t * N + n0 + c) = packed;
+            }
+        }
+    };
     if (slot < 0) { // a whole tile
         for (int q = tid; q < VECS; q += kThreads) {
             const int r = q / (N_BLK / 4), c = 4 * (q % (N_BLK / 4));
@@ -684,6 +757,7 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
             if (dst < 0 || n0 + c >= N) continue;
             store4(dst, n0 + c, weighted(r, *reinterpret_cast<const float4 *>(sC + r * C_STRIDE + c)));
         }
+        token_sums();
         continue;
     }
     // A stream-K piece: publish it in this CTA's slot; the last piece of the tile to arrive sums
@@ -721,6 +795,7 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
         }
         store4(dst, n0 + c, weighted(r, sum));
     }
+    token_sums();
     } // segments
 }
 

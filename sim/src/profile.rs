@@ -5,8 +5,10 @@
 //! * `warp_instructions`: instructions issued per warp, however many lanes were active (an
 //!   instruction whose guard is false for every active lane still issues);
 //! * `thread_instructions`: active lanes summed over issued instructions (guard false counts 0);
-//! * `by_class`: warp-instructions per class (`int`, `fp32`, `half2`, `convert`, `mma`,
-//!   `global`, `shared`, `control`, `sync`); `global` holds every non-shared memory instruction
+//! * `by_class`: warp-instructions per class (`int`, `move`, `fp32`, `half2`, `convert`, `mma`,
+//!   `global`, `shared`, `control`, `sync`); `move` holds `mov` of registers, immediates and
+//!   special registers and its vector (pack/unpack) forms, which ptxas mostly folds into the
+//!   operands of other instructions; `global` holds every non-shared memory instruction
 //!   (global, generic, `ld.param` — a constant-cache load on hardware —, `.local`, atomics,
 //!   `cp.async`), `shared` the shared-memory ones and `ldmatrix`/`stmatrix`, `sync` barriers,
 //!   fences, `cp.async` commit/wait and warp collectives;
@@ -30,7 +32,7 @@ pub struct Profile {
     pub thread_instructions: u64,
     pub warp_instructions: u64,
     pub mma: u64,
-    pub by_class: [u64; 9],
+    pub by_class: [u64; 10],
     pub global_load_bytes: u64,
     pub global_store_bytes: u64,
     pub global_load_sectors: u64,
@@ -41,7 +43,8 @@ pub struct Profile {
 }
 
 /// Names of `by_class`, in [`crate::ir::Class`] order.
-pub const CLASS_NAMES: [&str; 9] = ["int", "fp32", "half2", "convert", "mma", "global", "shared", "control", "sync"];
+pub const CLASS_NAMES: [&str; 10] =
+    ["int", "move", "fp32", "half2", "convert", "mma", "global", "shared", "control", "sync"];
 
 impl Profile {
     /// The JSON line for a launch.

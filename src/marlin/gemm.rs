@@ -324,6 +324,8 @@ pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_
 pub struct MarlinWorkspace {
     partials: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<i32>>,
+    /// Per (token, column block) arrival counters of the fused top-k sum.
+    sum_counters: Option<CudaSlice<i32>>,
 }
 
 impl MarlinWorkspace {
@@ -334,7 +336,8 @@ impl MarlinWorkspace {
 
     /// Bytes currently held on the device.
     pub fn device_bytes(&self) -> usize {
-        self.partials.as_ref().map_or(0, |p| p.len() * 4) + self.counters.as_ref().map_or(0, |c| c.len() * 4)
+        let len = |c: &Option<CudaSlice<i32>>| c.as_ref().map_or(0, |c| c.len() * 4);
+        self.partials.as_ref().map_or(0, |p| p.len() * 4) + len(&self.counters) + len(&self.sum_counters)
     }
 
     /// Makes room for `plan` on `dev`.
@@ -401,6 +404,19 @@ struct Launch<'a, T> {
     moe: Option<MoeArgs<'a>>,
 }
 
+/// The top-k sum fused into the MoE GEMM's epilogue (the fused MoE's GEMM2): `out[t, :]` = the
+/// sum, in k order, of the GEMM's output rows `t·topk + k` over the local slots of token `t`
+/// (`topk_ids` in range and, with an expert map, mapped to a local expert); zero rows for tokens
+/// with no local slot. Rounded once to `T` from the f32 sum of the `T` rows.
+pub(crate) struct TopkSum<'a, T> {
+    pub out: &'a mut CudaSlice<T>,
+    pub tokens: usize,
+    pub topk: usize,
+    pub topk_ids: &'a CudaSlice<i32>,
+    pub expert_map: Option<&'a CudaSlice<i32>>,
+    pub global_experts: usize,
+}
+
 struct MoeArgs<'a> {
     blocks: &'a MoeBlocks<'a>,
     topk_weights: Option<&'a CudaSlice<f32>>,
@@ -418,6 +434,7 @@ fn launch_gemm<T: Half>(
     plan: &GemmPlan,
     out: &mut CudaSlice<T>,
     ws: &mut MarlinWorkspace,
+    sum: Option<&mut TopkSum<'_, T>>,
 ) -> Result<()> {
     let name = plan.kernel_name(T::DTYPE, l.moe.is_some());
     let smem = plan.smem_bytes();
@@ -469,6 +486,13 @@ fn launch_gemm<T: Half>(
         smem_bytes: smem as i64,
         channelwise: l.geom.channelwise as i32,
         max_pieces: MAX_PIECES as i32,
+        sum_out: std::ptr::null_mut(),
+        sum_counters: std::ptr::null_mut(),
+        topk_ids: std::ptr::null(),
+        expert_map: std::ptr::null(),
+        sum_tokens: 0,
+        sum_topk: 1,
+        global_experts: 0,
     };
     if let (Some(mo), Some((sorted, experts, ntpp, tw))) = (&l.moe, &moe_ptrs) {
         params.sorted_token_ids = sorted.0 as *const _;
@@ -480,6 +504,34 @@ fn launch_gemm<T: Half>(
         params.block_size = mo.blocks.block_size as i64;
         params.num_experts = mo.num_experts as i64;
         params.capacity = mo.blocks.sorted_token_ids.len() as i64;
+    }
+    // Guards of the fused top-k sum's buffers, alive until after the launch.
+    let mut sum_guards = Vec::new();
+    if let Some(sm) = sum {
+        let need = sm.tokens * plan.n_blocks;
+        if ws.sum_counters.as_ref().is_none_or(|c| c.len() < need) {
+            ws.sum_counters = None;
+            // The kernel relies on zero counters between launches (and leaves them zero).
+            ws.sum_counters = Some(dev.zeros::<i32>(need)?);
+        }
+        let Some(counters) = ws.sum_counters.as_mut() else {
+            return Err(Error::invalid(op, "the workspace could not be reserved"));
+        };
+        let (so, g1) = dev.ptr_mut(op, "out", &mut *sm.out, 16)?;
+        let (sc, g2) = dev.ptr_mut(op, "workspace", counters, 4)?;
+        let (ids, g3) = dev.ptr(op, "topk_ids", sm.topk_ids, 4)?;
+        params.sum_out = so as *mut _;
+        params.sum_counters = sc as *mut _;
+        params.topk_ids = ids as *const _;
+        sum_guards.extend([g1, g2, g3]);
+        if let Some(map) = sm.expert_map {
+            let (mp, g4) = dev.ptr(op, "expert_map", map, 4)?;
+            params.expert_map = mp as *const _;
+            sum_guards.push(g4);
+        }
+        params.sum_tokens = sm.tokens as i64;
+        params.sum_topk = sm.topk as i64;
+        params.global_experts = sm.global_experts as i64;
     }
     let cfg = LaunchConfig {
         grid_dim: (plan.grid_blocks() as u32, 1, 1),
@@ -602,7 +654,7 @@ pub fn marlin_gemm_into<T: Half>(
         None => (x, lda),
     };
     let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
-    launch_gemm(dev, OP, &launch, &plan, out, workspace)
+    launch_gemm(dev, OP, &launch, &plan, out, workspace, None)
 }
 
 /// A quantized linear layer for inference: Marlin weights plus its own workspace.
@@ -797,6 +849,41 @@ pub fn marlin_moe_gemm<T: Half>(
     out_rows: usize,
     workspace: &mut MarlinWorkspace,
 ) -> Result<()> {
+    moe_gemm_impl(dev, a, a_rows, experts, blocks, top_k, topk_weights, out, out_rows, workspace, None)
+}
+
+/// [`marlin_moe_gemm`] with the top-k sum fused into its epilogue (see [`TopkSum`]): the fused
+/// MoE's GEMM2 writes its per-slot rows to `out` and their per-token sums to `sum.out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn marlin_moe_gemm_topk_sum<T: Half>(
+    dev: &Device,
+    a: &CudaSlice<T>,
+    a_rows: usize,
+    experts: &MarlinExperts<T>,
+    blocks: &MoeBlocks,
+    topk_weights: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<T>,
+    out_rows: usize,
+    workspace: &mut MarlinWorkspace,
+    sum: &mut TopkSum<'_, T>,
+) -> Result<()> {
+    moe_gemm_impl(dev, a, a_rows, experts, blocks, 1, topk_weights, out, out_rows, workspace, Some(sum))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_gemm_impl<T: Half>(
+    dev: &Device,
+    a: &CudaSlice<T>,
+    a_rows: usize,
+    experts: &MarlinExperts<T>,
+    blocks: &MoeBlocks,
+    top_k: usize,
+    topk_weights: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<T>,
+    out_rows: usize,
+    workspace: &mut MarlinWorkspace,
+    sum: Option<&mut TopkSum<'_, T>>,
+) -> Result<()> {
     const OP: &str = "marlin_moe_gemm";
     let geom = weight_geom(OP, &experts.shape)?;
     if a_rows == 0 || out_rows == 0 {
@@ -826,10 +913,28 @@ pub fn marlin_moe_gemm<T: Half>(
     if let Some(w) = topk_weights {
         check_min(dev, OP, "topk_weights", w, out_rows)?;
     }
+    if let Some(sm) = &sum {
+        // Slot ids index tokens·topk rows: exactly the GEMM's output rows.
+        if sm.tokens.checked_mul(sm.topk) != Some(out_rows) || sm.topk == 0 {
+            return Err(Error::shape(
+                OP,
+                format!("top-k sum of {} tokens x {} over {out_rows} rows", sm.tokens, sm.topk),
+            ));
+        }
+        let sum_len = sm.tokens.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "tokens·N overflows"))?;
+        dev.check_buffer(OP, "out", &*sm.out, sum_len)?;
+        check_min(dev, OP, "topk_ids", sm.topk_ids, out_rows)?;
+        if let Some(map) = sm.expert_map {
+            dev.check_buffer(OP, "expert_map", map, sm.global_experts)?;
+        }
+        if sm.global_experts == 0 || sm.global_experts > i32::MAX as usize {
+            return Err(Error::shape(OP, format!("{} global experts", sm.global_experts)));
+        }
+    }
     let moe = MoeArgs { blocks, topk_weights, top_k, out_rows, num_experts: experts.num_experts };
     let launch =
         Launch { a, lda: geom.k, m: a_rows, qweight: &experts.qweight, scales: &experts.scales, geom, moe: Some(moe) };
-    launch_gemm(dev, OP, &launch, &plan, out, workspace)
+    launch_gemm(dev, OP, &launch, &plan, out, workspace, sum)
 }
 
 /// Every kernel name the planners can produce for `dtype` (for tests and tooling).

@@ -1,6 +1,6 @@
 //! The fused Marlin MoE layer: `moe_align_block_size` → GEMM1 (gate_up, per expert `2I × H`) →
-//! `silu(gate) · up` → GEMM2 (down, `H × I`, times the router weight) → sum over the top-k slots
-//! of every token (in k order, so the result is deterministic).
+//! `silu(gate) · up` → GEMM2 (down, `H × I`, times the router weight) with the sum over the top-k
+//! slots of every token fused into its epilogue (in k order, so the result is deterministic).
 //!
 //! Engines call this every layer of every step, so all intermediates live in a [`MoeWorkspace`]
 //! that is reused across calls and only reallocated when a problem needs more (or, for the
@@ -16,7 +16,9 @@ use super::{align_capacity, choose_block_size, validate_align_args, FAMILY};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::marlin::gemm::{marlin_moe_gemm, Half, MarlinExperts, MarlinWorkspace, MOE_BLOCK_SIZES};
+use crate::marlin::gemm::{
+    marlin_moe_gemm, marlin_moe_gemm_topk_sum, Half, MarlinExperts, MarlinWorkspace, TopkSum, MOE_BLOCK_SIZES,
+};
 
 const THREADS: u32 = 256;
 /// The vectorised glue kernels move 8 elements (16 bytes) at a time.
@@ -211,7 +213,6 @@ pub fn fused_marlin_moe_into<T: Half>(
     dev.check_buffer(OP, "out", out, p.tokens * p.hidden)?;
     let slots = p.tokens * p.topk;
     let silu = dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
-    let sum = dev.function(FAMILY, &format!("lowbit_moe_sum_{}", T::DTYPE.name()), 0)?;
 
     // 1. Alignment (buffers sized exactly for this problem, reused when the size repeats).
     let capacity = align_capacity(slots, p.global_experts, p.block_size);
@@ -265,29 +266,16 @@ pub fn fused_marlin_moe_into<T: Half>(
         unsafe { dev.launch(&silu, cfg, params)? };
     }
 
-    // 4. GEMM2: partial[s] = topk_weights[s] · act[s] · W2_e.
-    marlin_moe_gemm(dev, &*act, slots, w2, &blocks, 1, Some(topk_weights), partial, slots, marlin)?;
-
-    // 5. out[t] = Σ_k partial[t·topk + k] over local slots, in k order.
-    {
-        let (pp, _g1) = dev.ptr(OP, "partial", &*partial, VEC_ALIGN)?;
-        let (o, _g2) = dev.ptr_mut(OP, "out", out, VEC_ALIGN)?;
-        let (ids, _g3) = dev.ptr(OP, "topk_ids", topk_ids, 4)?;
-        let map = expert_map.map(|m| dev.ptr(OP, "expert_map", m.device(), 4)).transpose()?;
-        let params = ffi::LowbitMoeSumParams {
-            partial: pp as *const _,
-            out: o as *mut _,
-            topk_ids: ids as *const i32,
-            expert_map: map.as_ref().map_or(0, |g| g.0) as *const i32,
-            tokens: p.tokens as i64,
-            hidden: p.hidden as i64,
-            topk: p.topk as i32,
-            num_experts: p.global_experts as i32,
-        };
-        let cfg = dev.grid_stride(p.tokens * (p.hidden / 8), THREADS, THREADS as usize);
-        // SAFETY: partial holds slots·H elements, out tokens·H (checked), H % 8 == 0, 16-byte
-        // aligned; ids are range-checked before indexing the map; guards order the buffers.
-        unsafe { dev.launch(&sum, cfg, params)? };
-    }
+    // 4. GEMM2: partial[s] = topk_weights[s] · act[s] · W2_e, and in its epilogue
+    //    out[t] = Σ_k partial[t·topk + k] over local slots, in k order (zeros for tokens with none).
+    let mut sum = TopkSum {
+        out,
+        tokens: p.tokens,
+        topk: p.topk,
+        topk_ids,
+        expert_map: expert_map.map(|m| m.device()),
+        global_experts: p.global_experts,
+    };
+    marlin_moe_gemm_topk_sum(dev, &*act, slots, w2, &blocks, Some(topk_weights), partial, slots, marlin, &mut sum)?;
     Ok(())
 }

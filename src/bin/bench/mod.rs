@@ -328,12 +328,13 @@ fn sim_record(
     let class = |v: &Value, k: &str| v.get("by_class").and_then(|c| c.get(k)).and_then(Value::as_f64).unwrap_or(0.0);
     let mut per_launch = Vec::new();
     let mut lines = Vec::new();
-    let (mut total, mut warp, mut dram, mut by_class) = (0.0, 0.0, 0.0, Map::new());
+    let (mut total, mut warp, mut issued, mut dram, mut by_class) = (0.0, 0.0, 0.0, 0.0, Map::new());
     for l in launches {
         let grid = l.get("grid").map(grid_blocks).unwrap_or(1);
         let c = Counters {
             grid_blocks: grid,
-            warp_instructions: num(l, "warp_instructions"),
+            // Moves fold into operands in SASS (model.rs, "Moves").
+            warp_instructions: num(l, "warp_instructions") - class(l, "move"),
             alu: class(l, "int"),
             fma: class(l, "fp32") + class(l, "half2"),
             mma: num(l, "mma"),
@@ -341,7 +342,8 @@ fn sim_record(
         };
         let p = model::predict(&m, &c);
         total += p.total_s;
-        warp += c.warp_instructions;
+        warp += num(l, "warp_instructions");
+        issued += c.warp_instructions;
         dram += c.dram_bytes;
         if let Some(Value::Object(bc)) = l.get("by_class") {
             for (k, v) in bc {
@@ -400,6 +402,9 @@ fn sim_record(
     rec.insert("predicted_x_roofline".into(), json!(total / roofline));
     rec.insert("warp_instructions".into(), json!(warp));
     rec.insert("warp_instructions_per_weight_byte".into(), json!(warp / weight_bytes.max(1.0)));
+    // What the model's issue term counts: without the moves ptxas folds away (model.rs).
+    rec.insert("issued_warp_instructions".into(), json!(issued));
+    rec.insert("issued_warp_instructions_per_weight_byte".into(), json!(issued / weight_bytes.max(1.0)));
     rec.insert(
         "int_instructions_per_weight_byte".into(),
         json!(by_class.get("int").and_then(Value::as_f64).unwrap_or(0.0) / weight_bytes.max(1.0)),
