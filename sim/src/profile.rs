@@ -18,6 +18,8 @@
 //! * `global_load_sectors` / `global_store_sectors`: distinct 32-byte sectors per warp-level
 //!   request, summed over requests;
 //! * `global_unique_bytes_read`: distinct global bytes read by the whole launch;
+//! * `global_first_touch_bytes_read`: those of them first read before the launch stored to them
+//!   (bytes the launch writes and then reads back, such as split-K partials, are not counted);
 //! * `shared_requests`: warp-level shared-memory instructions (`ld/st/atom.shared`, `ldmatrix`,
 //!   the shared side of `cp.async` is not counted); `shared_wavefronts`: the passes the 32 banks
 //!   of 4 bytes need: for each request, per phase (32 lanes for ≤4-byte accesses, 16 for 8-byte,
@@ -38,6 +40,7 @@ pub struct Profile {
     pub global_load_sectors: u64,
     pub global_store_sectors: u64,
     pub global_unique_bytes_read: u64,
+    pub global_first_touch_bytes_read: u64,
     pub shared_wavefronts: u64,
     pub shared_requests: u64,
 }
@@ -78,12 +81,13 @@ impl Profile {
         }
         let _ = write!(
             s,
-            "}},\"global_load_bytes\":{},\"global_store_bytes\":{},\"global_load_sectors\":{},\"global_store_sectors\":{},\"global_unique_bytes_read\":{},\"shared_wavefronts\":{},\"shared_requests\":{},\"wall_ms\":{:.3},\"cpu_ms\":{:.3}}}",
+            "}},\"global_load_bytes\":{},\"global_store_bytes\":{},\"global_load_sectors\":{},\"global_store_sectors\":{},\"global_unique_bytes_read\":{},\"global_first_touch_bytes_read\":{},\"shared_wavefronts\":{},\"shared_requests\":{},\"wall_ms\":{:.3},\"cpu_ms\":{:.3}}}",
             self.global_load_bytes,
             self.global_store_bytes,
             self.global_load_sectors,
             self.global_store_sectors,
             self.global_unique_bytes_read,
+            self.global_first_touch_bytes_read,
             self.shared_wavefronts,
             self.shared_requests,
             wall_ms,
@@ -194,6 +198,7 @@ mod tests {
             "global_load_sectors",
             "global_store_sectors",
             "global_unique_bytes_read",
+            "global_first_touch_bytes_read",
             "shared_wavefronts",
             "shared_requests",
             "wall_ms",

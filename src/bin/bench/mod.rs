@@ -1,7 +1,7 @@
 //! `lowbit bench gemm|moe|sync|fake-quant`: one kernel operation on the shapes of issue 9.
 //!
 //! * On a GPU: times `--iters` calls with CUDA events (created with timing enabled), rotating
-//!   weight copies whose total exceeds L2 (60 MB on H200) so weights come from HBM; prints µs,
+//!   weight copies whose total exceeds L2 (50 MB on H200) so weights come from HBM; prints µs,
 //!   GB/s, TFLOP/s and the ratio to the roofline `bytes_moved / measured copy bandwidth`
 //!   (a device-to-device memcpy, bytes read + written, the DESIGN §6 convention).
 //! * On lowbit-sim (the device name contains `lowbit-sim`): runs one iteration with the
@@ -33,7 +33,7 @@ use serde_json::{json, Map, Value};
 
 use model::{Counters, Machine};
 
-/// Weight bytes the rotated copies must span: over 4x the 60 MB L2 of an H200.
+/// Weight bytes the rotated copies must span: over 5x the 50 MB L2 of an H200.
 const ROTATE_BYTES: usize = 256 << 20;
 /// Different routings cycled through by the MoE bench on a GPU.
 const ROUTINGS: usize = 8;
@@ -338,7 +338,12 @@ fn sim_record(
             alu: class(l, "int"),
             fma: class(l, "fp32") + class(l, "half2"),
             mma: num(l, "mma"),
-            dram_bytes: num(l, "global_unique_bytes_read") + num(l, "global_store_bytes"),
+            dram_bytes: model::dram_bytes(
+                num(l, "global_unique_bytes_read"),
+                l.get("global_first_touch_bytes_read").and_then(Value::as_f64),
+                num(l, "global_store_bytes"),
+                m.l2_bytes,
+            ),
         };
         let p = model::predict(&m, &c);
         total += p.total_s;
@@ -378,6 +383,7 @@ fn sim_record(
             "global_load_sectors",
             "global_store_sectors",
             "global_unique_bytes_read",
+            "global_first_touch_bytes_read",
             "shared_wavefronts",
             "shared_requests",
             "wall_ms",

@@ -34,7 +34,10 @@
 //!   stream (a lead, not measured here).
 //!
 //! Where the counters come from (the simulator profile, one JSON line per launch): `dram_bytes`
-//! = `global_unique_bytes_read` + `global_store_bytes` (what must cross HBM at least once),
+//! = `global_first_touch_bytes_read` + `global_store_bytes` (what must cross HBM at least once:
+//! bytes a launch stores and reads back, such as stream-K pieces and the fused MoE sum's rows,
+//! are L2 hits while the launch's stores fit in the 50 MB L2; beyond that
+//! `global_unique_bytes_read` is used),
 //! `warp_instructions` = the profile's `warp_instructions` − `by_class.move`, `alu` =
 //! `by_class.int` (PTX integer instructions: an upper bound, since ptxas puts part of them, IMAD,
 //! on the FMA pipe), `fma` = `by_class.fp32` + `by_class.half2`, `mma`. The SASS report
@@ -74,6 +77,8 @@ pub struct Machine {
     pub dram_bytes_per_s: f64,
     /// Fixed cost of one launch, seconds.
     pub launch_s: f64,
+    /// L2 cache, bytes.
+    pub l2_bytes: f64,
 }
 
 impl Machine {
@@ -87,6 +92,7 @@ impl Machine {
         mma_per_clk: 0.66,
         dram_bytes_per_s: 4.3e12,
         launch_s: 2.0e-6,
+        l2_bytes: 50.0 * 1024.0 * 1024.0,
     };
 }
 
@@ -127,6 +133,16 @@ pub fn waves(blocks: u64, sms: f64) -> (u64, f64) {
     }
     let w = blocks.div_ceil(sms);
     (w, (w * sms) as f64 / blocks as f64)
+}
+
+/// Bytes that must cross HBM in one launch: the bytes it stores, plus the distinct bytes it reads
+/// that it did not write first (`first_touch`, when the profile has it) if its stores fit in L2,
+/// otherwise every distinct byte it reads (what it wrote may have been evicted to HBM).
+pub fn dram_bytes(unique_read: f64, first_touch: Option<f64>, stored: f64, l2_bytes: f64) -> f64 {
+    match first_touch {
+        Some(f) if stored <= l2_bytes => f + stored,
+        _ => unique_read + stored,
+    }
 }
 
 /// The prediction for one launch.
@@ -170,6 +186,14 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9 * b.abs().max(1e-12)
+    }
+
+    #[test]
+    fn dram_bytes_counts_read_backs_only_beyond_l2() {
+        let l2 = Machine::H200.l2_bytes;
+        assert_eq!(dram_bytes(100.0, Some(60.0), 10.0, l2), 70.0);
+        assert_eq!(dram_bytes(100.0, None, 10.0, l2), 110.0);
+        assert_eq!(dram_bytes(100.0, Some(60.0), 2.0 * l2, l2), 100.0 + 2.0 * l2);
     }
 
     #[test]
