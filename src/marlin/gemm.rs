@@ -50,9 +50,21 @@ unsafe impl DeviceRepr for ffi::LowbitMarlinGemmParams {}
 unsafe impl DeviceRepr for ffi::LowbitMarlinGemmGatherParams {}
 
 /// The 16-bit activation types the GEMM runs on (scales use the same type): bf16 and f16.
-pub trait Half: ScaleFloat {}
-impl Half for bf16 {}
-impl Half for f16 {}
+pub trait Half: ScaleFloat {
+    /// The workspace's act-order gather buffer of this type.
+    #[doc(hidden)]
+    fn gather_buffer(ws: &mut MarlinWorkspace) -> &mut Option<CudaSlice<Self>>;
+}
+impl Half for bf16 {
+    fn gather_buffer(ws: &mut MarlinWorkspace) -> &mut Option<CudaSlice<Self>> {
+        &mut ws.gather_bf16
+    }
+}
+impl Half for f16 {
+    fn gather_buffer(ws: &mut MarlinWorkspace) -> &mut Option<CudaSlice<Self>> {
+        &mut ws.gather_f16
+    }
+}
 
 /// The block tile of a GEMM kernel instance: output columns × K-rows per pipeline stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -326,6 +338,9 @@ pub struct MarlinWorkspace {
     counters: Option<CudaSlice<i32>>,
     /// Per (token, column block) arrival counters of the fused top-k sum.
     sum_counters: Option<CudaSlice<i32>>,
+    /// Act-order activations gathered by `perm` (`[m, K]`), per dtype.
+    gather_bf16: Option<CudaSlice<bf16>>,
+    gather_f16: Option<CudaSlice<f16>>,
 }
 
 impl MarlinWorkspace {
@@ -337,7 +352,32 @@ impl MarlinWorkspace {
     /// Bytes currently held on the device.
     pub fn device_bytes(&self) -> usize {
         let len = |c: &Option<CudaSlice<i32>>| c.as_ref().map_or(0, |c| c.len() * 4);
-        self.partials.as_ref().map_or(0, |p| p.len() * 4) + len(&self.counters) + len(&self.sum_counters)
+        self.partials.as_ref().map_or(0, |p| p.len() * 4)
+            + len(&self.counters)
+            + len(&self.sum_counters)
+            + self.gather_bf16.as_ref().map_or(0, |g| g.len() * 2)
+            + self.gather_f16.as_ref().map_or(0, |g| g.len() * 2)
+    }
+
+    /// Makes room for every [`marlin_gemm_into`] call on `weights` with at most `max_m` rows:
+    /// afterwards such calls allocate nothing, synchronise nothing and copy nothing from the host,
+    /// so they can be captured in a CUDA graph.
+    pub fn reserve_for<T: Half>(&mut self, dev: &Device, weights: &MarlinWeights<T>, max_m: usize) -> Result<()> {
+        const OP: &str = "MarlinWorkspace::reserve_for";
+        let geom = weight_geom(OP, weights.shape())?;
+        if max_m == 0 {
+            return Err(Error::shape(OP, "max_m must be at least 1"));
+        }
+        // The needs grow with M for a fixed m-tile count; check the largest M of every count.
+        for m in [16, 32, 48, 64, max_m] {
+            let plan = plan_gemm(m.min(max_m), geom.n, geom.k, dev.info().sm_count)?;
+            self.reserve(dev, &plan)?;
+        }
+        if weights.perm().is_some() {
+            let len = max_m.checked_mul(geom.k).ok_or_else(|| Error::shape(OP, "max_m·K overflows"))?;
+            gather_slot(dev, T::gather_buffer(self), len)?;
+        }
+        Ok(())
     }
 
     /// Makes room for `plan` on `dev`.
@@ -546,7 +586,22 @@ fn launch_gemm<T: Half>(
     unsafe { dev.launch(&func, cfg, params) }
 }
 
-/// Gathers activation columns by the act-order `perm`: `dst[r, j] = x[r·lda + perm[j]]`.
+/// A gather buffer of at least `len` elements in `slot` (grown, never shrunk).
+fn gather_slot<T: Half>(dev: &Device, slot: &mut Option<CudaSlice<T>>, len: usize) -> Result<()> {
+    if let Some(g) = slot.as_ref() {
+        dev.check_buffer("MarlinWorkspace", "workspace", g, g.len())?;
+    }
+    if slot.as_ref().is_none_or(|g| g.len() < len) {
+        *slot = None;
+        // SAFETY: every use gathers its m·K elements into the buffer before the GEMM reads them.
+        *slot = Some(unsafe { dev.alloc_for_kernel::<T>(len)? });
+    }
+    Ok(())
+}
+
+/// Gathers activation columns by the act-order `perm`: `dst[r, j] = x[r·lda + perm[j]]` into
+/// the first `m·k` elements of `dst`.
+#[allow(clippy::too_many_arguments)]
 fn gather_columns<T: Half>(
     dev: &Device,
     op: &'static str,
@@ -555,15 +610,15 @@ fn gather_columns<T: Half>(
     lda: usize,
     k: usize,
     perm: &CudaSlice<i32>,
-) -> Result<CudaSlice<T>> {
+    dst: &mut CudaSlice<T>,
+) -> Result<()> {
     dev.check_buffer(op, "perm", perm, k)?;
+    check_min(dev, op, "workspace", dst, m * k)?;
     let func = dev.function(FAMILY, "lowbit_marlin_gemm_gather_b16", 0)?;
-    // SAFETY: the gather writes every one of the m·k elements.
-    let mut dst = unsafe { dev.alloc_for_kernel::<T>(m * k)? };
     {
         let (s, _g1) = dev.ptr(op, "x", x, 2)?;
         let (p, _g2) = dev.ptr(op, "perm", perm, 4)?;
-        let (d, _g3) = dev.ptr_mut(op, "x_perm", &mut dst, 16)?;
+        let (d, _g3) = dev.ptr_mut(op, "x_perm", dst, 16)?;
         let params = ffi::LowbitMarlinGemmGatherParams {
             src: s as *const _,
             dst: d as *mut _,
@@ -573,10 +628,10 @@ fn gather_columns<T: Half>(
             lda: lda as i64,
         };
         // SAFETY: x holds at least (m-1)·lda + k elements (checked by the caller), perm k
-        // entries (out-of-range entries read nothing), dst m·k elements.
+        // entries (out-of-range entries read nothing), dst at least m·k elements (checked).
         unsafe { dev.launch(&func, dev.grid_stride(m * k, 256, 256), params)? };
     }
-    Ok(dst)
+    Ok(())
 }
 
 /// `Y = X · dequant(W)` into a new `[m, N]` buffer. `x` holds `m` rows of `lda ≥ K` elements
@@ -645,16 +700,26 @@ pub fn marlin_gemm_into<T: Half>(
     let out_len = m.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "M·N overflows"))?;
     dev.check_buffer(OP, "out", out, out_len)?;
     let plan = plan_gemm(m, geom.n, geom.k, dev.info().sm_count)?;
-    let gathered = match weights.perm() {
-        Some(perm) => Some(gather_columns(dev, OP, x, m, lda, geom.k, perm)?),
-        None => None,
-    };
+    // Act-order: gather into the workspace's buffer, taken out for the call and put back.
+    let mut gathered = None;
+    if let Some(perm) = weights.perm() {
+        let mut buf = T::gather_buffer(workspace).take();
+        gather_slot(dev, &mut buf, m * geom.k)?;
+        if let Some(g) = buf.as_mut() {
+            gather_columns(dev, OP, x, m, lda, geom.k, perm, g)?;
+        }
+        gathered = buf;
+    }
     let (a, lda) = match &gathered {
         Some(g) => (g, geom.k),
         None => (x, lda),
     };
     let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
-    launch_gemm(dev, OP, &launch, &plan, out, workspace, None)
+    let result = launch_gemm(dev, OP, &launch, &plan, out, workspace, None);
+    if gathered.is_some() {
+        *T::gather_buffer(workspace) = gathered;
+    }
+    result
 }
 
 /// A quantized linear layer for inference: Marlin weights plus its own workspace.
