@@ -33,15 +33,20 @@
 //! // Once: every buffer and kernel that calls of up to `max_tokens` tokens can need.
 //! ws.reserve(&dev, &w13, &w2, max_tokens, topk, None, &opts)?;
 //!
+//! // A call's buffers have exactly its length: one set per batch size, made up front (the engine's
+//! // own kernels fill x, the router weights and ids before each call).
+//! let mut bufs = Vec::new();
+//! for t in 1..=max_tokens {
+//!     bufs.push((dev.zeros::<bf16>(t * hidden)?, dev.zeros::<f32>(t * topk)?, dev.zeros::<i32>(t * topk)?,
+//!                dev.zeros::<bf16>(t * hidden)?));
+//! }
+//!
 //! for step in 0..1000 {
 //!     let tokens = 1 + step % max_tokens; // this step's decode batch
-//!     # let x = dev.zeros::<bf16>(tokens * hidden)?;
-//!     # let topk_weights = dev.zeros::<f32>(tokens * topk)?;
-//!     # let topk_ids = dev.zeros::<i32>(tokens * topk)?;
-//!     # let mut out = dev.zeros::<bf16>(tokens * hidden)?;
+//!     let (x, topk_weights, topk_ids, out) = &mut bufs[tokens - 1];
 //!     // Capturable: queues moe::fused::launches_per_call(tokens, topk) kernels (5 here) and
 //!     // nothing else — no allocation, no host<->device copy, no host synchronisation.
-//!     fused_marlin_moe_into(&dev, &x, tokens, &w13, &w2, &topk_weights, &topk_ids, topk, None, &opts, &mut ws, &mut out)?;
+//!     fused_marlin_moe_into(&dev, x, tokens, &w13, &w2, topk_weights, topk_ids, topk, None, &opts, &mut ws, out)?;
 //!     // When the engine wants to know (outside a captured region): one sync and one 16-byte read.
 //!     if step % 100 == 99 {
 //!         ws.check_ids(&dev)?; // Err(InvalidArgument): "... expert id outside [0, 128) at token t, k k"
