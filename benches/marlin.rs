@@ -63,7 +63,7 @@ fn main() {
         ("kimi expert 4096x7168 g32", 4096, 7168, GroupSize::Group(32)),
         ("kimi expert 7168x2048 g32", 7168, 2048, GroupSize::Group(32)),
     ];
-    println!("| shape (N x K) | M | split | time us | weight TB/s | TFLOP/s | roofline us | x roofline |");
+    println!("| shape (N x K) | M | grid | time us | weight TB/s | TFLOP/s | roofline us | x roofline |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut ws = MarlinWorkspace::new();
     for (name, n, k, gs) in shapes {
@@ -99,8 +99,9 @@ fn main() {
             let roof = wbytes as f64 / (copy * 1e12);
             let plan = plan_gemm(m, n, k, dev.info().sm_count).expect("plan");
             println!(
-                "| {name} | {m} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} |",
-                plan.split_k,
+                "| {name} | {m} | {} CTAs, {} pieces | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} |",
+                plan.ctas,
+                plan.max_pieces_per_tile(),
                 t * 1e6,
                 wbytes as f64 / t / 1e12,
                 2.0 * m as f64 * n as f64 * k as f64 / t / 1e12,

@@ -1,7 +1,7 @@
 //! Marlin GEMM output digest: runs a fixed set of dense W4A16 GEMMs (both dtypes, every group
 //! size, act-order, every m-tile count and both block shapes) on deterministic inputs and prints
 //! an FNV-1a hash of each output's bits. Two kernel builds whose lines match produce
-//! bit-identical outputs on these cases (on the same device: the split-K plan depends on the SM
+//! bit-identical outputs on these cases (on the same device: the stream-K plan depends on the SM
 //! count). Used to check that kernel rewrites keep results bit for bit (issue 9).
 //!
 //! `cargo run --release --example marlin_digest` (on a GPU or on lowbit-sim).
@@ -50,11 +50,12 @@ fn run<T: Half>(dev: &Device, n: usize, k: usize, gs: GroupSize, act_order: bool
     let y: Vec<T> = dev.dtoh(&y).unwrap();
     let plan = plan_gemm(m, n, k, dev.info().sm_count).unwrap();
     format!(
-        "{} n={n} k={k} g={gs} act_order={act_order} m={m} m_tiles={} {:?} split={}: {:016x}",
+        "{} n={n} k={k} g={gs} act_order={act_order} m={m} m_tiles={} {:?} ctas={} pieces={}: {:016x}",
         T::DTYPE,
         plan.m_tiles,
         plan.block,
-        plan.split_k,
+        plan.ctas,
+        plan.max_pieces_per_tile(),
         fnv(y.iter().map(|v| v.to_f32().to_bits()))
     )
 }

@@ -6,14 +6,14 @@
 //! detector) are retired (DESIGN §7): `tests/gpu_marlin_gemm.rs` and `tests/gpu_marlin_moe_gemm.rs`
 //! run the real kernels on lowbit-sim, whose race, cp.async, bounds and initialisation checks are
 //! on for every launch, with integer-exact cases and one-hot probes over every kernel instance
-//! and plan variant, and a split-K stress run under several `LOWBIT_SIM_SEED` schedules.
+//! and plan variant, and a stream-K stress run under several `LOWBIT_SIM_SEED` schedules.
 
 use half::{bf16, f16};
 use lowbit::device::kernel_declared;
 use lowbit::format::{self, GroupSize, QuantShape};
 use lowbit::marlin::gemm::{
-    all_kernel_names, check_gemm_shape, kernels_declared, plan_gemm, plan_moe_gemm, plannable, BlockShape, GemmPlan,
-    MAX_SPLIT_K, MOE_BLOCK_SIZES, SMEM_BUDGET,
+    all_kernel_names, check_gemm_shape, ctas_per_sm, kernels_declared, plan_gemm, plan_moe_gemm, plannable, BlockShape,
+    GemmPlan, MAX_PIECES, MOE_BLOCK_SIZES, SMEM_BUDGET,
 };
 use lowbit::reference::gemm::{dequant_codes, gemm_ref_f64, marlin_dequant_ref, moe_gemm_ref, MoeBlocksRef};
 use lowbit::reference::marlin as refm;
@@ -41,11 +41,25 @@ fn check_plan(plan: &GemmPlan, m: usize, n: usize, k: usize, sm: usize) {
     assert!(plan.n_blocks * plan.block.n_blk() >= n && (plan.n_blocks - 1) * plan.block.n_blk() < n);
     assert_eq!(k % plan.block.k_blk(), 0, "{plan:?}: K = {k} is a whole number of stages");
     let iters = k / plan.block.k_blk();
-    assert!(plan.split_k >= 1 && plan.split_k <= MAX_SPLIT_K && plan.split_k <= iters.max(1));
-    if plan.split_k > 1 {
-        assert!(plan.tiles() < sm, "split only when the tiles do not fill the device");
-        assert!(plan.grid_blocks() <= sm, "{plan:?} on {sm} SMs");
-        assert!(iters / plan.split_k >= 2, "at least two stages per split");
+    assert_eq!(plan.iters, iters);
+    assert!(plan.ctas >= 1 && plan.ctas <= sm * ctas_per_sm(plan.m_tiles), "{plan:?}: one CTA per slot at most");
+    assert_eq!(plan.dp_tiles() % plan.ctas, 0);
+    assert!(plan.sk_tiles() < plan.ctas, "{plan:?}: stream-K takes less than one round");
+    assert!(plan.sk_ctas() <= plan.ctas);
+    assert!(plan.max_pieces_per_tile() <= MAX_PIECES + 1, "{plan:?}");
+    if !plan.moe {
+        // Balance: every CTA gets its data-parallel tiles plus an equal share (±1 iteration) of
+        // the stream-K iterations; at least two iterations each on average.
+        assert!(plan.tiles() * iters >= 2 * plan.ctas || plan.ctas == 1, "{plan:?}");
+        let (w, g) = (plan.sk_tiles() * iters, plan.sk_ctas());
+        if g > 0 {
+            let share = |c: usize| (c + 1) * w / g - c * w / g;
+            let (lo, hi) = ((0..g).map(share).min().unwrap(), (0..g).map(share).max().unwrap());
+            assert!(hi - lo <= 1, "{plan:?}: stream-K shares {lo}..{hi}");
+            assert!(lo >= 2.min(w), "{plan:?}: at least two stage iterations per stream-K CTA");
+        }
+        assert_eq!(plan.cuts_tiles(), plan.max_pieces_per_tile() > 1, "{plan:?}");
+        assert_eq!(plan.workspace_partials() > 0, plan.cuts_tiles());
     }
     // Every planned configuration fits the 99 KiB opt-in of sm_86/sm_89 (A100/H100: 163/227 KiB),
     // static shared memory included.
@@ -78,24 +92,33 @@ fn planner_names_only_built_kernels() {
 
 #[test]
 fn planner_choices() {
-    // Small M: narrow, deep blocks; split-K fills the device.
+    // Small M: narrow, deep blocks; 3 CTAs per SM, all of them stream-K (32 tiles < 396 CTAs).
     let p = plan_gemm(1, 4096, 4096, 132).unwrap();
-    assert_eq!((p.m_tiles, p.block, p.n_blocks), (1, BlockShape::N128K128, 32));
-    assert_eq!(p.split_k, 4);
+    assert_eq!((p.m_tiles, p.block, p.n_blocks, p.iters), (1, BlockShape::N128K128, 32, 32));
+    assert_eq!((p.ctas, p.dp_tiles(), p.sk_ctas()), (396, 0, 396));
+    assert!(p.cuts_tiles());
     assert_eq!(p.workspace_counters(), 32);
-    assert_eq!(p.workspace_partials(), 32 * 4 * 16 * 128);
-    // Many tiles: no split, no workspace.
-    let p = plan_gemm(16, 28672, 8192, 132).unwrap();
-    assert_eq!((p.split_k, p.workspace_partials(), p.workspace_counters()), (1, 0, 0));
+    assert_eq!(p.workspace_partials(), 2 * 396 * 16 * 128);
+    // The issue-9 decode shape: 224 tiles of 64 iterations over 396 CTAs, 36-37 each.
+    let p = plan_gemm(1, 28672, 8192, 132).unwrap();
+    assert_eq!((p.ctas, p.tiles(), p.dp_tiles(), p.sk_ctas(), p.max_pieces_per_tile()), (396, 224, 0, 396, 3));
+    // Fewer tiles than CTAs: all stream-K, each tile in two pieces.
+    let p = plan_gemm(16, 25344, 8192, 132).unwrap();
+    assert_eq!((p.tiles(), p.ctas, p.sk_tiles(), p.max_pieces_per_tile()), (198, 396, 198, 2));
+    // Tiles a multiple of the CTAs: data-parallel only, no workspace.
+    let p = plan_gemm(64, 33792, 4096, 132).unwrap();
+    assert_eq!((p.m_tiles, p.tiles(), p.ctas, p.sk_tiles()), (4, 132, 132, 0));
+    assert_eq!((p.cuts_tiles(), p.workspace_partials(), p.workspace_counters()), (false, 0, 0));
     // Large M: 64-row, wide blocks, also when N % 256 != 0 (64 rows x 128-deep stages would
     // not fit sm_86/sm_89 shared memory).
     let p = plan_gemm(4096, 4096, 4096, 132).unwrap();
-    assert_eq!((p.m_tiles, p.block, p.m_blocks, p.split_k), (4, BlockShape::N256K64, 64, 1));
+    assert_eq!((p.m_tiles, p.block, p.m_blocks, p.ctas), (4, BlockShape::N256K64, 64, 132));
+    assert_eq!((p.tiles(), p.dp_tiles(), p.sk_tiles()), (1024, 924, 100));
     assert_eq!(plan_gemm(4096, 192, 4096, 132).unwrap().block, BlockShape::N256K64);
     assert_eq!(plan_gemm(40, 192, 4096, 132).unwrap().block, BlockShape::N128K128);
     for m_tiles in 1..=4 {
         for block in [BlockShape::N128K128, BlockShape::N256K64] {
-            let p = GemmPlan { m_tiles, block, split_k: 1, m_blocks: 1, n_blocks: 1 };
+            let p = GemmPlan { m_tiles, block, ctas: 1, iters: 1, m_blocks: 1, n_blocks: 1, moe: false };
             assert_eq!(plannable(m_tiles, block), p.smem_bytes() <= SMEM_BUDGET, "{p:?}");
         }
     }
@@ -115,8 +138,9 @@ fn moe_planner() {
             let cap = bs * 37;
             let p = plan_moe_gemm(bs, cap, n, k, 132).unwrap();
             assert!(p.m_blk() >= bs && p.m_blk() < bs + 16);
-            assert_eq!((p.m_blocks, p.split_k), (37, 1));
-            assert_eq!(p.workspace_partials(), 0);
+            assert_eq!(p.m_blocks, 37);
+            assert!(p.moe && p.ctas <= 37 * p.n_blocks && p.ctas <= 132 * ctas_per_sm(p.m_tiles));
+            assert_eq!(p.workspace_partials(), 2 * p.ctas * p.m_blk() * p.block.n_blk());
             check_plan(&p, bs, n, k, 132);
             for dt in [DType::BF16, DType::F16] {
                 assert!(kernel_declared("marlin", &p.kernel_name(dt, true)));

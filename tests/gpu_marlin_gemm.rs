@@ -1,7 +1,7 @@
 //! GPU tests of the dense Marlin W4A16 GEMM against the f64 CPU reference (DESIGN §5):
 //! `mean|Y − ref| / mean|ref|` ≤ 1e-3 (f16) / 4e-3 (bf16), no NaN, every element written (the
 //! output is poisoned with NaN first, and the padding of strided X is NaN too), determinism,
-//! split-K workspace reuse, QAT consistency, and typed errors for bad input.
+//! stream-K workspace reuse, QAT consistency, and typed errors for bad input.
 //!
 //! Integer-exact cases (kernel_review C1): ternary activations, power-of-two scales, compared bit
 //! for bit on every output element, plus one-hot probes (one nonzero activation per row, or one
@@ -271,7 +271,7 @@ fn dense_grid_small_f16() {
 }
 
 /// (N, K, group, act-order, Ms) of `real_shapes` on the simulator (ptxsim.md §6, trimmed): no
-/// 28672×8192, 8192×28672 or 4096×7168, fewer M; still split-K at real widths, every group kind,
+/// 28672×8192, 8192×28672 or 4096×7168, fewer M; still stream-K at real widths, every group kind,
 /// act-order, several m-blocks (the exact cases cover every plan variant on small shapes).
 const REAL_SHAPES_SIM: [(usize, usize, GroupSize, bool, &[usize]); 5] = [
     (4096, 4096, GroupSize::Group(128), false, &[1]),
@@ -323,8 +323,8 @@ fn deterministic_across_runs() {
     let dev = gpu_or_skip!();
     let mut ws = MarlinWorkspace::new();
     let full: &[(usize, usize, usize)] = &[(1, 4096, 4096), (13, 4096, 4096), (67, 1024, 8192), (658, 4096, 4096)];
-    // The simulator: split-K plans (16-, 8- and 4-way, one to eleven m-blocks) on narrower
-    // shapes, 3 runs each (`split_k_stress` repeats more).
+    // The simulator: stream-K plans (tiles in up to 16 pieces, one to eleven m-blocks) on
+    // narrower shapes, 3 runs each (`stream_k_stress` repeats more).
     let sim: &[(usize, usize, usize)] = &[(1, 512, 4096), (13, 1024, 2048), (67, 512, 2048), (658, 256, 512)];
     let (shapes, runs) = common::pick(&dev, (full, 10), (sim, 3));
     for &(m, n, k) in shapes {
@@ -342,7 +342,7 @@ fn deterministic_across_runs() {
 
 #[test]
 fn workspace_reuse_across_shapes() {
-    // Split-K counters must be back at zero after every launch, whatever the shape.
+    // Stream-K counters must be back at zero after every launch, whatever the shape.
     let dev = gpu_or_skip!();
     let mut ws = MarlinWorkspace::new();
     let a = Problem::<f16>::random(512, 4096, GroupSize::Group(64), false, 5);
@@ -434,13 +434,14 @@ fn bad_input_is_a_typed_error() {
 
 // ---- integer-exact cases and one-hot probes (kernel_review C1) --------------------------------
 
-/// (M, N, K, group, act-order, lda − K): every kernel instance with split-K on and off (on 132
-/// SMs), every group size with both block shapes, act-order with both, lda > K, N % 256 != 0,
-/// K % 128 != 0, partial and multiple m-blocks, split-K over several m-blocks, a 16-way split.
+/// (M, N, K, group, act-order, lda − K): every kernel instance with tiles cut into stream-K
+/// pieces and without (on 132 SMs), every group size with both block shapes, act-order with both,
+/// lda > K, N % 256 != 0, K % 128 != 0, partial and multiple m-blocks, pieces over several
+/// m-blocks, a tile in 16 pieces, data-parallel rounds with and without a stream-K tail.
 /// Small enough to run unchanged on the simulator; `exact_cases_cover_every_plan_variant`
 /// checks the coverage with `plan_gemm`.
-const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 19] = [
-    // split-K on
+const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 22] = [
+    // tiles cut into pieces
     (1, 256, 512, GroupSize::Group(128), false, 0),
     (3, 192, 1024, GroupSize::Group(32), true, 8),
     (13, 128, 320, GroupSize::Group(64), false, 0),
@@ -452,10 +453,14 @@ const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 19] = [
     (67, 256, 512, GroupSize::Group(32), true, 8),
     (64, 384, 320, GroupSize::Group(64), false, 0),
     (1, 256, 4096, GroupSize::Group(128), false, 0),
-    // split-K off (at most 3 stage iterations)
+    // 396 data-parallel tiles, then 4 tiles of 3 iterations over 6 CTAs
+    (1, 51200, 384, GroupSize::Group(128), false, 0),
+    // whole tiles only (at most 3 stage iterations)
     (1, 128, 256, GroupSize::Channelwise, false, 0),
     (8, 192, 192, GroupSize::Group(64), true, 8),
     (17, 256, 384, GroupSize::Group(128), true, 0),
+    (20, 256, 256, GroupSize::Group(64), true, 0),
+    (24, 256, 192, GroupSize::Group(64), false, 0),
     (32, 320, 192, GroupSize::Channelwise, false, 8),
     (33, 192, 128, GroupSize::Group(32), false, 0),
     (45, 256, 192, GroupSize::Group(64), true, 0),
@@ -465,7 +470,7 @@ const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 19] = [
 
 /// (M, N, K, group, act-order) of the one-hot sweeps: one case per kernel instance, M = the
 /// instance's rows (the m4 case is the identity, M = K, over several m-blocks), every K-row probed
-/// over at least two pipeline stages, split-K on.
+/// over at least two pipeline stages, tiles cut into stream-K pieces.
 const PROBE_CASES: [(usize, usize, usize, GroupSize, bool); 7] = [
     (16, 256, 512, GroupSize::Group(128), false),
     (16, 256, 320, GroupSize::Group(64), true),
@@ -613,13 +618,13 @@ fn one_hot_probes_f16() {
     one_hot_sweep::<f16>(&dev);
 }
 
-/// Split-K stress (kernel_review C2): the same split-K GEMMs (16-way; 8-way over two m-blocks)
-/// launched back to back give bit-identical outputs, equal to the exact reference. Seed-agnostic:
+/// Stream-K stress (kernel_review C2): the same stream-K GEMMs (tiles in 16 pieces; 8 pieces over
+/// two m-blocks) launched back to back give bit-identical outputs, equal to the exact reference. Seed-agnostic:
 /// on lowbit-sim run it under several schedules, e.g.
-/// `LOWBIT_SIM_SEED=<n> cargo test --release --test gpu_marlin_gemm split_k_stress`, which
-/// reorders the blocks and warps (and so which split arrives last).
+/// `LOWBIT_SIM_SEED=<n> cargo test --release --test gpu_marlin_gemm stream_k_stress`, which
+/// reorders the blocks and warps (and so which piece arrives last).
 #[test]
-fn split_k_stress() {
+fn stream_k_stress() {
     let dev = gpu_or_skip!();
     let runs = common::pick(&dev, 1000, 12);
     let mut ws = MarlinWorkspace::new();
@@ -633,7 +638,7 @@ fn split_k_stress() {
         let xd = dev.htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).unwrap();
         let plan = plan_gemm(m, n, k, dev.info().sm_count).unwrap();
         if dev.info().sm_count >= 132 {
-            assert!(plan.split_k >= 8, "{plan:?}: the stress shapes split K");
+            assert!(plan.max_pieces_per_tile() >= 8, "{plan:?}: the stress shapes cut tiles into many pieces");
         }
         let mut outs: Vec<CudaSlice<bf16>> = (0..4).map(|_| dev.htod(&vec![nan::<bf16>(); m * n]).unwrap()).collect();
         let mut launched = [true, false, false, false];
@@ -641,7 +646,7 @@ fn split_k_stress() {
             marlin_gemm_into(&dev, &xd, m, k, &w, &mut outs[0], &mut ws).unwrap();
             dev.dtoh(&outs[0]).unwrap()
         };
-        common::assert_exact(&format!("split-K stress {m}x{n}x{k} {plan:?}"), &first, &want, n);
+        common::assert_exact(&format!("stream-K stress {m}x{n}x{k} {plan:?}"), &first, &want, n);
         for run in 1..runs {
             // Several outputs in flight between host reads: back-to-back launches on the stream.
             marlin_gemm_into(&dev, &xd, m, k, &w, &mut outs[run % 4], &mut ws).unwrap();
@@ -650,7 +655,7 @@ fn split_k_stress() {
                 for (j, o) in outs.iter().enumerate().filter(|(j, _)| launched[*j]) {
                     let y: Vec<bf16> = dev.dtoh(o).unwrap();
                     common::assert_bits_eq(
-                        &format!("split-K stress {m}x{n}x{k} {plan:?} run {run} out {j}"),
+                        &format!("stream-K stress {m}x{n}x{k} {plan:?} run {run} out {j}"),
                         &y,
                         &first,
                     );
@@ -670,7 +675,7 @@ fn exact_cases_cover_every_plan_variant() {
     let mut note = |m: usize, n: usize, k: usize, gs: GroupSize, act: bool, pad: usize| {
         let p = plan_gemm(m, n, k, sm).unwrap();
         let inst = format!("m{}_{}", p.m_tiles, p.block.name());
-        got.insert(format!("{inst} split={}", p.split_k > 1));
+        got.insert(format!("{inst} cut={}", p.cuts_tiles()));
         got.insert(format!("{} group={gs}", p.block.name()));
         if act {
             got.insert(format!("{} act_order", p.block.name()));
@@ -688,13 +693,19 @@ fn exact_cases_cover_every_plan_variant() {
             got.insert("partial m-block".to_string());
         }
         if p.m_blocks > 1 {
-            got.insert(format!("m_blocks>1 split={}", p.split_k > 1));
+            got.insert(format!("m_blocks>1 cut={}", p.cuts_tiles()));
+        }
+        if p.dp_tiles() > 0 && p.cuts_tiles() {
+            got.insert("data-parallel rounds + stream-K pieces".to_string());
+        }
+        if p.dp_tiles() > p.ctas {
+            got.insert("several data-parallel rounds".to_string());
         }
         if p.n_blocks > 1 {
             got.insert(format!("{} n_blocks>1", p.block.name()));
         }
-        if p.split_k == 16 {
-            got.insert("split=16".to_string());
+        if p.max_pieces_per_tile() >= 8 {
+            got.insert("a tile in >= 8 pieces".to_string());
         }
     };
     for &(m, n, k, gs, act, pad) in &EXACT_CASES {
@@ -712,8 +723,8 @@ fn exact_cases_cover_every_plan_variant() {
         for block in [BlockShape::N128K128, BlockShape::N256K64] {
             if lowbit::marlin::gemm::plannable(m_tiles, block) {
                 let inst = format!("m{m_tiles}_{}", block.name());
-                for split in [false, true] {
-                    want.insert(format!("{inst} split={split}"));
+                for cut in [false, true] {
+                    want.insert(format!("{inst} cut={cut}"));
                 }
                 instances.insert(inst);
             }
@@ -727,7 +738,16 @@ fn exact_cases_cover_every_plan_variant() {
         want.insert(format!("{} N%256!=0", block.name()));
         want.insert(format!("{} n_blocks>1", block.name()));
     }
-    for v in ["lda > K", "K%128!=0", "partial m-block", "m_blocks>1 split=false", "m_blocks>1 split=true", "split=16"] {
+    for v in [
+        "lda > K",
+        "K%128!=0",
+        "partial m-block",
+        "m_blocks>1 cut=false",
+        "m_blocks>1 cut=true",
+        "a tile in >= 8 pieces",
+        "data-parallel rounds + stream-K pieces",
+        "several data-parallel rounds",
+    ] {
         want.insert(v.to_string());
     }
     let missing: Vec<_> = want.difference(&got).collect();

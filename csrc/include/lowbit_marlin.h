@@ -71,8 +71,10 @@ typedef struct LowbitMarlinGemmParams {
     const int32_t *b;       /* Marlin qweight */
     const void *scales;     /* Marlin-permuted scales (T) */
     void *out;              /* dense [m, n]; MoE [out_rows, n] (T) */
-    float *partials;        /* split-K partial tiles [tiles, split_k, m_blk, n_blk]; null if split_k == 1 */
-    int32_t *counters;      /* split-K arrival counters [tiles]: zero before and after each launch */
+    float *partials;        /* stream-K pieces [2 * gridDim.x, m_blk, n_blk] (2 slots per CTA), or null
+                             * when no tile can be cut (every tile whole: tiles % gridDim.x == 0) */
+    int32_t *counters;      /* stream-K arrival counters [m_blocks * n_blocks]: zero before and after
+                             * each launch (null with partials) */
     const int32_t *sorted_token_ids;      /* MoE: [capacity]; slot value = token * top_k + j, or padding (>= out_rows) */
     const int32_t *expert_ids;            /* MoE: [capacity / block_size]; -1 (or out of range) = skip the block */
     const int32_t *num_tokens_post_padded; /* MoE: device scalar, the used prefix of sorted_token_ids */
@@ -90,7 +92,20 @@ typedef struct LowbitMarlinGemmParams {
     int64_t capacity;       /* MoE: length of sorted_token_ids */
     int64_t smem_bytes;     /* dynamic shared memory the host gave the launch (checked by the kernel) */
     int32_t channelwise;    /* 1: one scale row, 32-element scale permutation */
-    int32_t split_k;        /* dense: K split across this many blocks (deterministic reduction); MoE: 1 */
+    int32_t max_pieces;     /* stream-K: the most pieces a tile is cut into (>= 2 stage iterations
+                             * each); 1: tiles are never cut (needs no partials) */
+    /* MoE top-k sum fused into the epilogue (the fused MoE's GEMM2), or sum_out == null:
+     * sum_out[t, n] = T(sum over k = 0..sum_topk-1 in order, over the local slots s = t*sum_topk+k,
+     * of out[s, n]) where a slot is local iff 0 <= topk_ids[s] < global_experts and
+     * (expert_map == null or expert_map[topk_ids[s]] >= 0); rows of tokens with no local slot are
+     * zero. The tile that completes a token's row block (sum_counters) sums it. */
+    void *sum_out;                /* [sum_tokens, n] (T) */
+    int32_t *sum_counters;        /* [sum_tokens * ceil(n / n_blk)]: zero before and after each launch */
+    const int32_t *topk_ids;      /* [sum_tokens * sum_topk] global expert ids */
+    const int32_t *expert_map;    /* [global_experts]: local id or -1; null: every expert is local */
+    int64_t sum_tokens;
+    int64_t sum_topk;
+    int64_t global_experts;
 } LowbitMarlinGemmParams;
 
 /* Act-order activation gather for 16-bit types: dst[r, j] = src[r * lda + perm[j]] (dst is

@@ -2,7 +2,7 @@
 //
 // Written from the technique of IST-DASLab Marlin / vLLM gptq_marlin (mma.sync m16n8k16 with f32
 // accumulation, INT4 -> 16-bit dequantisation in registers, cp.async multistage pipeline), but
-// deliberately simpler: no stripe partitioning, a plain (n-block, split, m-block) grid, and a
+// deliberately simpler: a persistent grid with a stream-K tail (see "Schedule") and a
 // shared-memory staged epilogue. Every piece below states the layout it relies on.
 //
 // ---------------------------------------------------------------------------------------------
@@ -55,10 +55,20 @@
 //   The host computes the same size (src/marlin/gemm.rs `smem_bytes`); the kernel traps when the
 //   launch gave less.
 //
-// Split-K (dense only): split s of S reduces stage iterations [s*I/S, (s+1)*I/S). Each split
-// writes its f32 tile to `partials`, then bumps the tile's counter; the block that arrives last
-// sums the S partials in split order 0..S-1 (a fixed order: bit-identical on every run, whichever
-// block is last), writes the output, and resets the counter to zero for the next launch.
+// Schedule (dense and MoE; src/marlin/gemm.rs `GemmPlan` mirrors it): a grid of G CTAs (the
+// host picks G: about one per resident CTA slot of the device) over the output tiles, tile t =
+// (row block t % R, column block t / R) with R the row blocks in use (MoE: those of the used
+// prefix num_tokens_post_padded, read on the device), so CTAs running together share weights.
+//  1. Data-parallel rounds: the first floor(tiles / G) * G tiles, tile t on CTA t % G, whole.
+//  2. Stream-K: the remaining tiles' w = tiles_left * I stage iterations (I = K / K_BLK) are cut
+//     into g = min(G, w / min_it) equal ranges, CTA c taking [c w / g, (c+1) w / g), where
+//     min_it = max(2, ceil(I / max_pieces)) bounds the pieces of one tile. A range may cover
+//     the end of one tile, whole tiles and the start of another. A piece (part of a tile) is
+//     written to the CTA's slot of `partials` (slot 0: its first segment, 1: its last); the
+//     tile's counter counts arrivals and the last piece to arrive sums the pieces in CTA order
+//     (a fixed order: bit-identical on every run, whichever is last), writes the output, and
+//     resets the counter to zero for the next launch. Every CTA gets the same number of stage
+//     iterations to within one (plus at most one whole tile): no tail wave.
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
@@ -237,6 +247,24 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
     return r;
 }
 
+__device__ __forceinline__ uint2 ld_cg_u2(const void *p) {
+    uint2 v;
+    asm volatile("ld.global.cg.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+// The fused top-k sum (LowbitMarlinGemmParams::sum_out): whether slot s is local.
+__device__ __forceinline__ bool sum_slot_local(const LowbitMarlinGemmParams &p, int64_t s) {
+    const int32_t id = __ldg(p.topk_ids + s);
+    if (id < 0 || id >= p.global_experts) return false;
+    return p.expert_map == nullptr || __ldg(p.expert_map + id) >= 0;
+}
+__device__ __forceinline__ int sum_local_slots(const LowbitMarlinGemmParams &p, int64_t t) {
+    int n = 0;
+    for (int64_t k = 0; k < p.sum_topk; ++k) n += sum_slot_local(p, t * p.sum_topk + k);
+    return n;
+}
+
 // Position of column x (0..63) of an n-tile inside the Marlin channelwise scale permutation.
 __device__ __forceinline__ int channelwise_pos(int x) {
     const int y = x & 31;
@@ -287,32 +315,113 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     const int wn = warp % N_TILES, wk = warp / N_TILES;
     const int64_t N = p.n, K = p.k;
     const int64_t n_blocks = (N + N_BLK - 1) / N_BLK;
-    const int split_k = MOE ? 1 : p.split_k;
 
-    // Block -> (n-block, split, m-block); n-block fastest.
-    int64_t bid = blockIdx.x;
-    const int64_t nb = bid % n_blocks;
-    bid /= n_blocks;
-    const int split = static_cast<int>(bid % split_k);
-    const int64_t mb = bid / split_k;
-    if (mb >= p.m_blocks) return;
-    const int64_t n0 = nb * N_BLK;
+    // ---- the work of this CTA (see "Schedule" in the header) ----
+    const int64_t iters64 = K / K_BLK; // stage iterations per tile (32-bit: K / 64 < 2^31)
+    if (iters64 > 0x7fffffff || iters64 < 1) __trap();
+    const int iters = static_cast<int>(iters64);
+    // The schedule's scalars live in shared memory (thread 0 computes them and advances the
+    // segment cursor; everyone reads the segment after a barrier): none of it occupies registers
+    // across the main loop.
+    __shared__ long long s_tiles_dp, s_w_sk, s_g_sk, s_row_blocks, s_used, s_next_dp, s_next_x;
+    __shared__ long long s_seg_mb, s_seg_nb, s_seg_first;
+    __shared__ int s_seg_it0, s_seg_it1, s_seg_slot, s_seg_count, s_seg_first_slot;
+    if (tid == 0) {
+        int64_t row_blocks = p.m_blocks; // row blocks with work
+        int64_t used = 0;
+        if constexpr (MOE) {
+            // MoE: the routing blocks of the used prefix of sorted_token_ids.
+            used = static_cast<int64_t>(__ldg(p.num_tokens_post_padded));
+            used = used < 0 ? 0 : (used > p.capacity ? p.capacity : used);
+            const int64_t b = (used + p.block_size - 1) / p.block_size;
+            row_blocks = b < p.m_blocks ? b : p.m_blocks;
+        }
+        const int64_t tiles = row_blocks * n_blocks;
+        const int64_t G = gridDim.x, cta = blockIdx.x;
+        const int64_t dp_tiles = (tiles / G) * G;        // whole tiles, round-robin over the CTAs
+        const int64_t w_sk = (tiles - dp_tiles) * iters; // stream-K iterations of the rest
+        const int min_it = p.max_pieces > 1 ? max(2, (iters + p.max_pieces - 1) / p.max_pieces) : iters;
+        const int64_t g_sk = w_sk == 0 ? 0 : max(int64_t(1), min(G, w_sk / min_it));
+        s_row_blocks = row_blocks;
+        s_used = used;
+        s_tiles_dp = dp_tiles;
+        s_w_sk = w_sk;
+        s_g_sk = g_sk;
+        s_next_dp = cta;
+        s_next_x = cta < g_sk ? cta * w_sk / g_sk : 0;
+    }
 
     const T *A = static_cast<const T *>(p.a);
-    const int32_t *B = p.b;
-    const T *S = static_cast<const T *>(p.scales);
     const int64_t groups = K / p.group;
     // Grouped scales: group is 32, 64 or 128 (a power of two); shift instead of dividing.
     const int gshift = __ffsll(static_cast<long long>(p.group)) - 1;
+    const bool channelwise = p.channelwise != 0;
+
+    if constexpr (MOE) {
+        // Fused top-k sum: tokens with no local slot get zero rows (no tile will sum them).
+        if (p.sum_out != nullptr) {
+            T *so = static_cast<T *>(p.sum_out);
+            for (int64_t t = blockIdx.x; t < p.sum_tokens; t += gridDim.x) {
+                if (sum_local_slots(p, t) != 0) continue; // uniform: every thread reads the same ids
+                for (int64_t i = tid; i < N; i += kThreads) so[t * N + i] = static_cast<T>(0.0f);
+            }
+        }
+    }
+
+#pragma unroll 1
+    for (;;) {
+    __syncthreads(); // the previous segment's epilogue is done with shared memory
+    if (tid == 0) {
+        const int64_t G = gridDim.x, cta = blockIdx.x;
+        const int64_t dp_tiles = s_tiles_dp, w_sk = s_w_sk, g_sk = s_g_sk, row_blocks = s_row_blocks;
+        // The CTA owning stream-K iteration x: [start(c), start(c + 1)) with start(c) = c w / g.
+        auto sk_start = [&](int64_t c) { return c * w_sk / g_sk; };
+        auto sk_owner = [&](int64_t x) { return ((x + 1) * g_sk + w_sk - 1) / w_sk - 1; };
+        long long t = -1;
+        int it0 = 0, it1 = iters, slot = -1, count = 1, first_slot = 0;
+        long long first = 0;
+        if (s_next_dp < dp_tiles) {
+            t = s_next_dp;
+            s_next_dp += G;
+        } else if (cta < g_sk && s_next_x < sk_start(cta + 1)) {
+            const int64_t x = s_next_x, hi = sk_start(cta + 1);
+            const int64_t ts = x / iters;
+            it0 = static_cast<int>(x - ts * iters);
+            it1 = static_cast<int>(min(int64_t(iters), hi - ts * iters));
+            t = dp_tiles + ts;
+            s_next_x = ts * iters + it1;
+            if (it0 != 0 || it1 != iters) { // a piece: summed by the last of its tile to arrive
+                slot = static_cast<int>(2 * cta + (x == sk_start(cta) ? 0 : 1));
+                first = sk_owner(ts * iters);
+                count = static_cast<int>(sk_owner((ts + 1) * iters - 1) - first + 1);
+                first_slot = sk_start(first) == ts * iters ? 0 : 1;
+            }
+        }
+        // Tile t -> (row block, column block), row blocks fastest: the CTAs that run together
+        // share column blocks, so a weight stripe read from HBM serves every row block from L2.
+        s_seg_mb = t < 0 ? -1 : t % row_blocks;
+        s_seg_nb = t < 0 ? -1 : t / row_blocks;
+        s_seg_it0 = it0;
+        s_seg_it1 = it1;
+        s_seg_slot = slot;
+        s_seg_count = count;
+        s_seg_first = first;
+        s_seg_first_slot = first_slot;
+    }
+    __syncthreads();
+    const int64_t mb = s_seg_mb, nb = s_seg_nb;
+    if (mb < 0) break; // uniform: no work left
+    const int it0 = s_seg_it0, n_it = s_seg_it1 - s_seg_it0;
+    const int32_t *B = p.b;
+    const T *S = static_cast<const T *>(p.scales);
 
     // ---- rows of this block (and, for MoE, its expert) ----
     int64_t moe_start = 0, used = 0;
     if constexpr (MOE) {
-        moe_start = mb * p.block_size;
-        used = static_cast<int64_t>(__ldg(p.num_tokens_post_padded));
-        if (moe_start >= used || moe_start >= p.capacity) return;   // uniform: whole block exits
+        used = s_used;
+        moe_start = mb * p.block_size; // < used: mb < row_blocks
         const int e = __ldg(p.expert_ids + mb);
-        if (e < 0 || e >= p.num_experts) return;                   // -1 or corrupt: skip, never read
+        if (e < 0 || e >= p.num_experts) continue;                 // uniform: -1 or corrupt: skip, never read
         B += static_cast<int64_t>(e) * (K / 16) * (2 * N);
         S += static_cast<int64_t>(e) * groups * N;
     }
@@ -344,14 +453,6 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     constexpr uint32_t B_BYTES = B_WORDS * 4, A_BYTES = A_ELEMS * 2, S_BYTES = S_ELEMS * 2;
     constexpr uint32_t A_OFF = STAGES * B_BYTES, S_OFF = STAGES * (B_BYTES + A_BYTES);
     const uint32_t sbase = smem_addr(smem);
-    const bool channelwise = p.channelwise != 0;
-
-    // ---- the stage iterations of this split (32-bit: K / 64 < 2^31 for any K a device holds) ----
-    const int64_t iters64 = K / K_BLK;
-    if (iters64 > 0x7fffffff) __trap();
-    const int iters = static_cast<int>(iters64);
-    const int it0 = static_cast<int>(int64_t(split) * iters / split_k);
-    const int n_it = static_cast<int>(int64_t(split + 1) * iters / split_k) - it0;
 
     // ---- per-thread copy state, set up once. Copy i of a later stage is the same copy moved
     // by a loop-invariant stride, and its shared destination is a compile-time offset from the
@@ -478,7 +579,7 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     if (channelwise) {
         for (int e = tid; e < N_BLK; e += kThreads) {
             const int nt = e / 64, x = (e % 64) / 8, b = e % 8;
-            const int64_t tile_col = n0 + 64 * nt;
+            const int64_t tile_col = nb * N_BLK + 64 * nt;
             const T s = tile_col < N ? S[tile_col + channelwise_pos(x + 8 * b)] : static_cast<T>(0.0f);
             T *sS = reinterpret_cast<T *>(smem + S_OFF);
 #pragma unroll
@@ -596,52 +697,106 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
         packed.y = bits_of(H::pair(v.z, v.w));
         *reinterpret_cast<uint2 *>(out + row * N + col) = packed;
     };
-    if (split_k == 1) {
+    auto weighted = [&](int r, float4 v) {
+        if constexpr (MOE) {
+            const float w = s_wt[r];
+            v.x *= w; v.y *= w; v.z *= w; v.w *= w;
+        }
+        return v;
+    };
+    const int slot = s_seg_slot;
+    const int64_t n0 = s_seg_nb * N_BLK; // re-read: not kept in a register across the main loop
+    // The fused top-k sum, after this tile's rows are stored: each row bumps its token's counter
+    // for this column block; the row completing a token sums the token's local slots in k order.
+    auto token_sums = [&]() {
+        if constexpr (MOE) {
+            if (p.sum_out == nullptr) return;
+            __threadfence(); // this thread's output stores are visible device-wide ...
+            __syncthreads(); // ... for every thread, before the counters move
+            if (tid < M_BLK) {
+                long long fin = -1;
+                const long long dst = s_dst[tid];
+                if (dst >= 0) {
+                    const long long t = dst / p.sum_topk;
+                    int *ctr = p.sum_counters + t * n_blocks + s_seg_nb;
+                    if (atomicAdd(ctr, 1) == sum_local_slots(p, t) - 1) {
+                        atomicExch(ctr, 0); // all of the token's slots arrived: ready for the next launch
+                        fin = t;
+                    }
+                }
+                s_src[tid] = fin; // s_src is free after the main loop
+            }
+            __syncthreads();
+            __threadfence();
+            T *so = static_cast<T *>(p.sum_out);
+            const T *rows = static_cast<const T *>(p.out);
+            for (int q = tid; q < VECS; q += kThreads) {
+                const int r = q / (N_BLK / 4), c = 4 * (q % (N_BLK / 4));
+                const long long t = s_src[r];
+                if (t < 0 || n0 + c >= N) continue;
+                float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                for (int64_t k = 0; k < p.sum_topk; ++k) {
+                    const int64_t sl = t * p.sum_topk + k;
+                    if (!sum_slot_local(p, sl)) continue;
+                    const uint2 v = ld_cg_u2(rows + sl * N + n0 + c);
+                    const T2 lo = from_bits<T2>(v.x), hi = from_bits<T2>(v.y);
+                    acc.x += __low2float(lo); acc.y += __high2float(lo);
+                    acc.z += __low2float(hi); acc.w += __high2float(hi);
+                }
+                uint2 packed;
+                packed.x = bits_of(H::pair(acc.x, acc.y));
+                packed.y = bits_of(H::pair(acc.z, acc.w));
+                *reinterpret_cast<uint2 *>(so + t * N + n0 + c) = packed;
+            }
+        }
+    };
+    if (slot < 0) { // a whole tile
         for (int q = tid; q < VECS; q += kThreads) {
             const int r = q / (N_BLK / 4), c = 4 * (q % (N_BLK / 4));
             const long long dst = s_dst[r];
             if (dst < 0 || n0 + c >= N) continue;
-            float4 v = *reinterpret_cast<const float4 *>(sC + r * C_STRIDE + c);
-            if constexpr (MOE) {
-                const float w = s_wt[r];
-                v.x *= w; v.y *= w; v.z *= w; v.w *= w;
-            }
-            store4(dst, n0 + c, v);
+            store4(dst, n0 + c, weighted(r, *reinterpret_cast<const float4 *>(sC + r * C_STRIDE + c)));
         }
-        return;
+        token_sums();
+        continue;
     }
-    // split-K: publish this split's tile, the last arriving split reduces in split order.
-    const int64_t tile = mb * n_blocks + nb;
+    // A stream-K piece: publish it in this CTA's slot; the last piece of the tile to arrive sums
+    // all of them in CTA order (a fixed order: bit-identical whichever arrives last).
+    const int64_t tile = s_seg_mb * n_blocks + s_seg_nb;
     const int64_t tile_elems = int64_t(M_BLK) * N_BLK;
-    float *part = p.partials + (tile * split_k) * tile_elems;
     for (int q = tid; q < VECS; q += kThreads) {
         const int r = q / (N_BLK / 4), c = 4 * (q % (N_BLK / 4));
         if (s_dst[r] < 0 || n0 + c >= N) continue;
-        *reinterpret_cast<float4 *>(part + split * tile_elems + r * N_BLK + c) =
+        *reinterpret_cast<float4 *>(p.partials + slot * tile_elems + r * N_BLK + c) =
             *reinterpret_cast<const float4 *>(sC + r * C_STRIDE + c);
     }
     __threadfence(); // this thread's partial stores are visible device-wide ...
     __syncthreads(); // ... for every thread, before the counter moves
+    const int count = s_seg_count;
     if (tid == 0) {
         const int prev = atomicAdd(p.counters + tile, 1);
-        s_last = prev == split_k - 1;
-        if (s_last) atomicExch(p.counters + tile, 0); // all splits arrived: ready for the next launch
+        s_last = prev == count - 1;
+        if (s_last) atomicExch(p.counters + tile, 0); // all pieces arrived: ready for the next launch
     }
     __syncthreads();
-    if (!s_last) return;
+    if (!s_last) continue;
     __threadfence();
+    const float *first = p.partials + (2 * s_seg_first + s_seg_first_slot) * tile_elems;
     for (int q = tid; q < VECS; q += kThreads) {
         const int r = q / (N_BLK / 4), c = 4 * (q % (N_BLK / 4));
         const long long dst = s_dst[r];
         if (dst < 0 || n0 + c >= N) continue;
-        const float *src = part + r * N_BLK + c;
-        float4 sum = ld_cg_f4(src);
-        for (int s = 1; s < split_k; ++s) {
-            const float4 v = ld_cg_f4(src + s * tile_elems);
+        // Piece j > 0 is the first segment (slot 0) of CTA first + j.
+        float4 sum = ld_cg_f4(first + r * N_BLK + c);
+        const float *src = p.partials + (2 * (s_seg_first + 1)) * tile_elems + r * N_BLK + c;
+        for (int j = 1; j < count; ++j, src += 2 * tile_elems) {
+            const float4 v = ld_cg_f4(src);
             sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
         }
-        store4(dst, n0 + c, sum);
+        store4(dst, n0 + c, weighted(r, sum));
     }
+    token_sums();
+    } // segments
 }
 
 } // namespace mgemm

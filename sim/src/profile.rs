@@ -5,8 +5,10 @@
 //! * `warp_instructions`: instructions issued per warp, however many lanes were active (an
 //!   instruction whose guard is false for every active lane still issues);
 //! * `thread_instructions`: active lanes summed over issued instructions (guard false counts 0);
-//! * `by_class`: warp-instructions per class (`int`, `fp32`, `half2`, `convert`, `mma`,
-//!   `global`, `shared`, `control`, `sync`); `global` holds every non-shared memory instruction
+//! * `by_class`: warp-instructions per class (`int`, `move`, `fp32`, `half2`, `convert`, `mma`,
+//!   `global`, `shared`, `control`, `sync`); `move` holds `mov` of registers, immediates and
+//!   special registers and its vector (pack/unpack) forms, which ptxas mostly folds into the
+//!   operands of other instructions; `global` holds every non-shared memory instruction
 //!   (global, generic, `ld.param` — a constant-cache load on hardware —, `.local`, atomics,
 //!   `cp.async`), `shared` the shared-memory ones and `ldmatrix`/`stmatrix`, `sync` barriers,
 //!   fences, `cp.async` commit/wait and warp collectives;
@@ -16,6 +18,8 @@
 //! * `global_load_sectors` / `global_store_sectors`: distinct 32-byte sectors per warp-level
 //!   request, summed over requests;
 //! * `global_unique_bytes_read`: distinct global bytes read by the whole launch;
+//! * `global_first_touch_bytes_read`: those of them first read before the launch stored to them
+//!   (bytes the launch writes and then reads back, such as split-K partials, are not counted);
 //! * `shared_requests`: warp-level shared-memory instructions (`ld/st/atom.shared`, `ldmatrix`,
 //!   the shared side of `cp.async` is not counted); `shared_wavefronts`: the passes the 32 banks
 //!   of 4 bytes need: for each request, per phase (32 lanes for ≤4-byte accesses, 16 for 8-byte,
@@ -30,18 +34,20 @@ pub struct Profile {
     pub thread_instructions: u64,
     pub warp_instructions: u64,
     pub mma: u64,
-    pub by_class: [u64; 9],
+    pub by_class: [u64; 10],
     pub global_load_bytes: u64,
     pub global_store_bytes: u64,
     pub global_load_sectors: u64,
     pub global_store_sectors: u64,
     pub global_unique_bytes_read: u64,
+    pub global_first_touch_bytes_read: u64,
     pub shared_wavefronts: u64,
     pub shared_requests: u64,
 }
 
 /// Names of `by_class`, in [`crate::ir::Class`] order.
-pub const CLASS_NAMES: [&str; 9] = ["int", "fp32", "half2", "convert", "mma", "global", "shared", "control", "sync"];
+pub const CLASS_NAMES: [&str; 10] =
+    ["int", "move", "fp32", "half2", "convert", "mma", "global", "shared", "control", "sync"];
 
 impl Profile {
     /// The JSON line for a launch.
@@ -75,12 +81,13 @@ impl Profile {
         }
         let _ = write!(
             s,
-            "}},\"global_load_bytes\":{},\"global_store_bytes\":{},\"global_load_sectors\":{},\"global_store_sectors\":{},\"global_unique_bytes_read\":{},\"shared_wavefronts\":{},\"shared_requests\":{},\"wall_ms\":{:.3},\"cpu_ms\":{:.3}}}",
+            "}},\"global_load_bytes\":{},\"global_store_bytes\":{},\"global_load_sectors\":{},\"global_store_sectors\":{},\"global_unique_bytes_read\":{},\"global_first_touch_bytes_read\":{},\"shared_wavefronts\":{},\"shared_requests\":{},\"wall_ms\":{:.3},\"cpu_ms\":{:.3}}}",
             self.global_load_bytes,
             self.global_store_bytes,
             self.global_load_sectors,
             self.global_store_sectors,
             self.global_unique_bytes_read,
+            self.global_first_touch_bytes_read,
             self.shared_wavefronts,
             self.shared_requests,
             wall_ms,
@@ -191,6 +198,7 @@ mod tests {
             "global_load_sectors",
             "global_store_sectors",
             "global_unique_bytes_read",
+            "global_first_touch_bytes_read",
             "shared_wavefronts",
             "shared_requests",
             "wall_ms",

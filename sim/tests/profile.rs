@@ -40,13 +40,20 @@ fn straight_line_counts() {
     // ld.param, mov, mul.wide, add, ld, mov, add.f32, cvt, st, ret.
     assert_eq!(pr.warp_instructions, 20, "{pr:?}");
     assert_eq!(pr.thread_instructions, 640);
-    assert_eq!(class(&pr, "int"), 2 * 4);
+    // mul.wide and add are integer work; the two movs are moves.
+    assert_eq!(class(&pr, "int"), 2 * 2);
+    assert_eq!(class(&pr, "move"), 2 * 2);
     assert_eq!(class(&pr, "fp32"), 2);
     assert_eq!(class(&pr, "convert"), 2);
     assert_eq!(class(&pr, "control"), 2);
     // ld.param is counted among the memory instructions, but moves no global bytes.
     assert_eq!(
-        class(&pr, "global") + class(&pr, "int") + class(&pr, "fp32") + class(&pr, "convert") + class(&pr, "control"),
+        class(&pr, "global")
+            + class(&pr, "int")
+            + class(&pr, "move")
+            + class(&pr, "fp32")
+            + class(&pr, "convert")
+            + class(&pr, "control"),
         20
     );
     assert_eq!(pr.global_load_bytes, 256);
@@ -138,8 +145,31 @@ fn global_sectors() {
         assert_eq!(pr.global_load_bytes, bytes, "{name}: {pr:?}");
         assert_eq!(pr.global_load_sectors, sectors, "{name}: {pr:?}");
         assert_eq!(pr.global_unique_bytes_read, unique, "{name}: {pr:?}");
+        assert_eq!(pr.global_first_touch_bytes_read, unique, "{name}: nothing was stored first");
         assert_eq!(pr.global_store_bytes, 0, "{name}");
     }
+    // First-touch reads: lanes 0..15 store their word and read it back, then every lane reads the
+    // word 32 lanes on (never stored): 64 + 128 unique bytes read, of which 128 first-touch.
+    let d = Dev::profiled();
+    let p = d.zeros(64 * 4);
+    let pr = prof(
+        &load_kernel(
+            "ft",
+            "	mul.wide.u32 %rd2, %r1, 4;
+	add.s64 %rd3, %rd1, %rd2;
+	setp.lt.u32 %p1, %r1, 16;
+",
+            "@%p1 st.global.u32 [%rd3], %r1;
+	@%p1 ld.global.u32 %r2, [%rd3];
+	ld.global.u32 %r3, [%rd3+128];",
+        ),
+        "ft",
+        32,
+        &[Arg::Ptr(p)],
+        &d,
+    );
+    assert_eq!(pr.global_unique_bytes_read, 64 + 128, "{pr:?}");
+    assert_eq!(pr.global_first_touch_bytes_read, 128, "{pr:?}");
     // Stores: a coalesced 4-byte store by 32 lanes is 4 sectors; half the lanes predicated off
     // touch 2 sectors and 64 bytes.
     let d = Dev::profiled();

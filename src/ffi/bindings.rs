@@ -256,11 +256,18 @@ pub struct LowbitMarlinGemmParams {
     pub capacity: i64,
     pub smem_bytes: i64,
     pub channelwise: i32,
-    pub split_k: i32,
+    pub max_pieces: i32,
+    pub sum_out: *mut ::core::ffi::c_void,
+    pub sum_counters: *mut i32,
+    pub topk_ids: *const i32,
+    pub expert_map: *const i32,
+    pub sum_tokens: i64,
+    pub sum_topk: i64,
+    pub global_experts: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LowbitMarlinGemmParams"][::core::mem::size_of::<LowbitMarlinGemmParams>() - 184usize];
+    ["Size of LowbitMarlinGemmParams"][::core::mem::size_of::<LowbitMarlinGemmParams>() - 240usize];
     ["Alignment of LowbitMarlinGemmParams"][::core::mem::align_of::<LowbitMarlinGemmParams>() - 8usize];
     ["Offset of field: LowbitMarlinGemmParams::a"][::core::mem::offset_of!(LowbitMarlinGemmParams, a) - 0usize];
     ["Offset of field: LowbitMarlinGemmParams::b"][::core::mem::offset_of!(LowbitMarlinGemmParams, b) - 8usize];
@@ -301,8 +308,22 @@ const _: () = {
         [::core::mem::offset_of!(LowbitMarlinGemmParams, smem_bytes) - 168usize];
     ["Offset of field: LowbitMarlinGemmParams::channelwise"]
         [::core::mem::offset_of!(LowbitMarlinGemmParams, channelwise) - 176usize];
-    ["Offset of field: LowbitMarlinGemmParams::split_k"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, split_k) - 180usize];
+    ["Offset of field: LowbitMarlinGemmParams::max_pieces"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, max_pieces) - 180usize];
+    ["Offset of field: LowbitMarlinGemmParams::sum_out"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_out) - 184usize];
+    ["Offset of field: LowbitMarlinGemmParams::sum_counters"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_counters) - 192usize];
+    ["Offset of field: LowbitMarlinGemmParams::topk_ids"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, topk_ids) - 200usize];
+    ["Offset of field: LowbitMarlinGemmParams::expert_map"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, expert_map) - 208usize];
+    ["Offset of field: LowbitMarlinGemmParams::sum_tokens"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_tokens) - 216usize];
+    ["Offset of field: LowbitMarlinGemmParams::sum_topk"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_topk) - 224usize];
+    ["Offset of field: LowbitMarlinGemmParams::global_experts"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, global_experts) - 232usize];
 };
 impl Default for LowbitMarlinGemmParams {
     fn default() -> Self {

@@ -11,8 +11,10 @@
 //!
 //! The weights the kernel multiplies by are exactly `T(q · s)` (one rounding of the exact
 //! product), the values `fake_quant` produces: training and rollout see the same weights.
-//! Split-K is deterministic: partial tiles are summed in a fixed order, so the same inputs give
-//! bit-identical outputs on every run (on the same device: the plan depends on the SM count).
+//! The grid is persistent: about one CTA per resident CTA slot, whole tiles round-robin, then the
+//! remaining tiles' K-iterations split evenly over the CTAs (stream-K). Pieces of a cut tile are
+//! summed in a fixed order, so the same inputs give bit-identical outputs on every run (on the
+//! same device: the plan depends on the SM count).
 //!
 //! Shape limits: `N % 64 == 0` (the Marlin layout), `K % 64 == 0` (the kernels' pipeline stage is
 //! 64 or 128 K-rows deep and has no partial-stage predication; the layout itself needs only
@@ -37,8 +39,8 @@ const FAMILY: &str = "marlin";
 pub const THREADS: u32 = 256;
 /// Pipeline stages of every GEMM kernel.
 pub const STAGES: usize = 4;
-/// The largest split-K factor the planner uses.
-pub const MAX_SPLIT_K: usize = 16;
+/// The most pieces stream-K cuts one tile into (each at least two stage iterations).
+pub const MAX_PIECES: usize = 16;
 /// The routing block sizes the MoE GEMM accepts.
 pub const MOE_BLOCK_SIZES: [usize; 5] = [8, 16, 32, 48, 64];
 
@@ -48,9 +50,21 @@ unsafe impl DeviceRepr for ffi::LowbitMarlinGemmParams {}
 unsafe impl DeviceRepr for ffi::LowbitMarlinGemmGatherParams {}
 
 /// The 16-bit activation types the GEMM runs on (scales use the same type): bf16 and f16.
-pub trait Half: ScaleFloat {}
-impl Half for bf16 {}
-impl Half for f16 {}
+pub trait Half: ScaleFloat {
+    /// The workspace's act-order gather buffer of this type.
+    #[doc(hidden)]
+    fn gather_buffer(ws: &mut MarlinWorkspace) -> &mut Option<CudaSlice<Self>>;
+}
+impl Half for bf16 {
+    fn gather_buffer(ws: &mut MarlinWorkspace) -> &mut Option<CudaSlice<Self>> {
+        &mut ws.gather_bf16
+    }
+}
+impl Half for f16 {
+    fn gather_buffer(ws: &mut MarlinWorkspace) -> &mut Option<CudaSlice<Self>> {
+        &mut ws.gather_f16
+    }
+}
 
 /// The block tile of a GEMM kernel instance: output columns × K-rows per pipeline stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,19 +99,31 @@ impl BlockShape {
     }
 }
 
-/// A launch plan: which kernel instance, how many blocks, how much shared memory and workspace.
+/// A launch plan: which kernel instance, how many CTAs, how much shared memory and workspace.
+///
+/// The schedule (`csrc/marlin/gemm.cuh`, "Schedule"; the kernel computes it, these methods mirror
+/// it): tile `t` is (row block `t % m_blocks`, column block `t / m_blocks`); the first
+/// [`GemmPlan::dp_tiles`] tiles go whole, round-robin, to the `ctas` CTAs; the stage iterations
+/// of the other tiles are split into [`GemmPlan::sk_ctas`] equal ranges (stream-K), and a tile cut
+/// into pieces is summed, in a fixed order, by its last piece to finish. For the MoE GEMM the
+/// kernel uses the row blocks of the used prefix (`num_tokens_post_padded`, on the device)
+/// instead of `m_blocks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmPlan {
     /// m16 tiles per block (1..=4): the block covers `16 · m_tiles` rows.
     pub m_tiles: usize,
     /// The block tile.
     pub block: BlockShape,
-    /// K split across this many blocks (1 for MoE).
-    pub split_k: usize,
+    /// CTAs in the (one-dimensional, persistent) grid.
+    pub ctas: usize,
+    /// Stage iterations per tile, `K / k_blk`.
+    pub iters: usize,
     /// Row blocks (dense: `ceil(M / (16 · m_tiles))`; MoE: routing blocks of the capacity).
     pub m_blocks: usize,
     /// Column blocks, `ceil(N / n_blk)`.
     pub n_blocks: usize,
+    /// The MoE GEMM (its tiles in use are only known on the device).
+    pub moe: bool,
 }
 
 impl GemmPlan {
@@ -131,27 +157,84 @@ impl GemmPlan {
         self.m_blocks * self.n_blocks
     }
 
-    /// Blocks in the (one-dimensional) grid.
+    /// Blocks in the (one-dimensional) grid: `ctas`.
     pub fn grid_blocks(&self) -> usize {
-        self.tiles() * self.split_k
+        self.ctas
     }
 
-    /// f32 elements of split-K partial tiles the launch needs in the workspace (0 without split).
+    /// Tiles computed whole in the data-parallel rounds (a multiple of `ctas`).
+    pub fn dp_tiles(&self) -> usize {
+        self.tiles() / self.ctas.max(1) * self.ctas.max(1)
+    }
+
+    /// Tiles left to stream-K.
+    pub fn sk_tiles(&self) -> usize {
+        self.tiles() - self.dp_tiles()
+    }
+
+    /// CTAs sharing the stream-K iterations (0 when every tile is data-parallel).
+    pub fn sk_ctas(&self) -> usize {
+        let w = self.sk_tiles() * self.iters;
+        let min_it = 2usize.max(self.iters.div_ceil(MAX_PIECES));
+        if w == 0 {
+            0
+        } else {
+            (w / min_it).clamp(1, self.ctas.max(1))
+        }
+    }
+
+    /// Whether some tile is cut into pieces (summed through the workspace).
+    pub fn cuts_tiles(&self) -> bool {
+        let (w, g) = (self.sk_tiles() * self.iters, self.sk_ctas());
+        // Every range boundary c·w/g (0 < c < g) must fall on a tile boundary for no cut.
+        (1..g).any(|c| (c * w / g) % self.iters != 0)
+    }
+
+    /// The most pieces any tile is cut into (1: none is cut).
+    pub fn max_pieces_per_tile(&self) -> usize {
+        let (w, g, it) = (self.sk_tiles() * self.iters, self.sk_ctas(), self.iters);
+        if g == 0 {
+            return 1;
+        }
+        let owner = |x: usize| ((x + 1) * g).div_ceil(w) - 1;
+        (0..self.sk_tiles()).map(|t| owner((t + 1) * it - 1) - owner(t * it) + 1).max().unwrap_or(1)
+    }
+
+    /// Whether the launch may cut a tile: dense, when [`GemmPlan::cuts_tiles`]; MoE, always
+    /// (the tiles in use are counted on the device).
+    pub fn needs_workspace(&self) -> bool {
+        self.moe || self.cuts_tiles()
+    }
+
+    /// f32 elements of stream-K pieces the launch needs in the workspace: two tile slots per CTA
+    /// (0 when no tile is cut).
     pub fn workspace_partials(&self) -> usize {
-        if self.split_k > 1 {
-            self.grid_blocks() * self.m_blk() * self.block.n_blk()
+        if self.needs_workspace() {
+            2 * self.ctas * self.m_blk() * self.block.n_blk()
         } else {
             0
         }
     }
 
-    /// Split-K arrival counters the launch needs in the workspace (0 without split).
+    /// Stream-K arrival counters the launch needs in the workspace: one per tile (0 when no tile
+    /// is cut).
     pub fn workspace_counters(&self) -> usize {
-        if self.split_k > 1 {
+        if self.needs_workspace() {
             self.tiles()
         } else {
             0
         }
+    }
+}
+
+/// Resident CTAs per SM the instances are built for (`instances.list` launch bounds: m1 3, m2 2,
+/// larger blocks 1); the persistent grid has this many CTAs per SM. Where shared memory allows
+/// fewer (sm_86/sm_89), the CTAs run in as many waves of equal work: still balanced.
+pub const fn ctas_per_sm(m_tiles: usize) -> usize {
+    match m_tiles {
+        1 => 3,
+        2 => 2,
+        _ => 1,
     }
 }
 
@@ -192,8 +275,7 @@ fn block_shape(m_tiles: usize, n: usize, k: usize) -> BlockShape {
 }
 
 /// The dense tile configuration for `M × N × K` on a device with `sm_count` SMs. Pure: same
-/// inputs, same plan. Splits K (deterministically) only when the output tiles cannot fill the
-/// device, keeping at least two stage iterations per split.
+/// inputs, same plan. See [`GemmPlan`] for the schedule.
 pub fn plan_gemm(m: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPlan> {
     const OP: &str = "plan_gemm";
     if m == 0 {
@@ -209,16 +291,18 @@ pub fn plan_gemm(m: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPl
     let n_blocks = n.div_ceil(block.n_blk());
     let tiles = m_blocks * n_blocks;
     let iters = k / block.k_blk();
-    let sm = sm_count.max(1);
-    let split_k = if tiles >= sm { 1 } else { (sm / tiles).min(iters / 2).clamp(1, MAX_SPLIT_K) };
-    let plan = GemmPlan { m_tiles, block, split_k, m_blocks, n_blocks };
+    // One CTA per resident slot, but at least two stage iterations per CTA on average.
+    let slots = sm_count.max(1) * ctas_per_sm(m_tiles);
+    let ctas = slots.min((tiles * iters / 2).max(1));
+    let plan = GemmPlan { m_tiles, block, ctas, iters, m_blocks, n_blocks, moe: false };
     if plan.grid_blocks() > i32::MAX as usize {
         return Err(Error::shape(OP, format!("{m} x {n} needs too many blocks")));
     }
     Ok(plan)
 }
 
-/// The MoE tile configuration: one routing block of `block_size` rows per row block, no split-K.
+/// The MoE tile configuration: one routing block of `block_size` rows per row block; a
+/// persistent grid over the tiles the kernel finds in use (the used prefix is on the device).
 pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPlan> {
     const OP: &str = "plan_moe_gemm";
     if !MOE_BLOCK_SIZES.contains(&block_size) {
@@ -233,17 +317,18 @@ pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_
     check_gemm_shape(OP, n, k, k)?;
     let m_tiles = block_size.div_ceil(16);
     let m_blocks = capacity / block_size;
-    // Few columns per expert (small N): narrower blocks give more of them.
-    let _ = sm_count;
     let block = block_shape(m_tiles, n, k);
-    let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks, n_blocks: n.div_ceil(block.n_blk()) };
-    if plan.grid_blocks() > i32::MAX as usize {
+    let n_blocks = n.div_ceil(block.n_blk());
+    let slots = sm_count.max(1) * ctas_per_sm(m_tiles);
+    let ctas = slots.min(m_blocks * n_blocks);
+    let plan = GemmPlan { m_tiles, block, ctas, iters: k / block.k_blk(), m_blocks, n_blocks, moe: true };
+    if plan.tiles() > i32::MAX as usize {
         return Err(Error::shape(OP, "too many routing blocks"));
     }
     Ok(plan)
 }
 
-/// Caller-owned, reusable scratch space of the GEMM: split-K partial tiles and arrival counters.
+/// Caller-owned, reusable scratch space of the GEMM: stream-K pieces and arrival counters.
 ///
 /// Grows on demand (never shrinks); the counters are zero between launches (the kernel resets
 /// them). Reuse one per stream; it is tied to the device it was first used on.
@@ -251,6 +336,11 @@ pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_
 pub struct MarlinWorkspace {
     partials: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<i32>>,
+    /// Per (token, column block) arrival counters of the fused top-k sum.
+    sum_counters: Option<CudaSlice<i32>>,
+    /// Act-order activations gathered by `perm` (`[m, K]`), per dtype.
+    gather_bf16: Option<CudaSlice<bf16>>,
+    gather_f16: Option<CudaSlice<f16>>,
 }
 
 impl MarlinWorkspace {
@@ -261,7 +351,33 @@ impl MarlinWorkspace {
 
     /// Bytes currently held on the device.
     pub fn device_bytes(&self) -> usize {
-        self.partials.as_ref().map_or(0, |p| p.len() * 4) + self.counters.as_ref().map_or(0, |c| c.len() * 4)
+        let len = |c: &Option<CudaSlice<i32>>| c.as_ref().map_or(0, |c| c.len() * 4);
+        self.partials.as_ref().map_or(0, |p| p.len() * 4)
+            + len(&self.counters)
+            + len(&self.sum_counters)
+            + self.gather_bf16.as_ref().map_or(0, |g| g.len() * 2)
+            + self.gather_f16.as_ref().map_or(0, |g| g.len() * 2)
+    }
+
+    /// Makes room for every [`marlin_gemm_into`] call on `weights` with at most `max_m` rows:
+    /// afterwards such calls allocate nothing, synchronise nothing and copy nothing from the host,
+    /// so they can be captured in a CUDA graph.
+    pub fn reserve_for<T: Half>(&mut self, dev: &Device, weights: &MarlinWeights<T>, max_m: usize) -> Result<()> {
+        const OP: &str = "MarlinWorkspace::reserve_for";
+        let geom = weight_geom(OP, weights.shape())?;
+        if max_m == 0 {
+            return Err(Error::shape(OP, "max_m must be at least 1"));
+        }
+        // The needs grow with M for a fixed m-tile count; check the largest M of every count.
+        for m in [16, 32, 48, 64, max_m] {
+            let plan = plan_gemm(m.min(max_m), geom.n, geom.k, dev.info().sm_count)?;
+            self.reserve(dev, &plan)?;
+        }
+        if weights.perm().is_some() {
+            let len = max_m.checked_mul(geom.k).ok_or_else(|| Error::shape(OP, "max_m·K overflows"))?;
+            gather_slot(dev, T::gather_buffer(self), len)?;
+        }
+        Ok(())
     }
 
     /// Makes room for `plan` on `dev`.
@@ -275,12 +391,15 @@ impl MarlinWorkspace {
         }
         let need_p = plan.workspace_partials();
         if need_p > 0 && self.partials.as_ref().is_none_or(|p| p.len() < need_p) {
-            // Partial tiles are always written before they are read: no initialisation needed,
-            // but zeros are cheap and keep the buffer defined.
-            self.partials = Some(dev.zeros::<f32>(need_p)?);
+            self.partials = None; // free first so the peak stays one buffer
+                                  // SAFETY: a piece is always written (by its CTA) before the last piece of its tile
+                                  // reads it, in the same launch: the kernel never reads a slot it did not write.
+            self.partials = Some(unsafe { dev.alloc_for_kernel::<f32>(need_p)? });
         }
         let need_c = plan.workspace_counters();
         if need_c > 0 && self.counters.as_ref().is_none_or(|c| c.len() < need_c) {
+            self.counters = None;
+            // The kernel relies on zero counters between launches (and leaves them zero).
             self.counters = Some(dev.zeros::<i32>(need_c)?);
         }
         Ok(())
@@ -325,6 +444,19 @@ struct Launch<'a, T> {
     moe: Option<MoeArgs<'a>>,
 }
 
+/// The top-k sum fused into the MoE GEMM's epilogue (the fused MoE's GEMM2): `out[t, :]` = the
+/// sum, in k order, of the GEMM's output rows `t·topk + k` over the local slots of token `t`
+/// (`topk_ids` in range and, with an expert map, mapped to a local expert); zero rows for tokens
+/// with no local slot. Rounded once to `T` from the f32 sum of the `T` rows.
+pub(crate) struct TopkSum<'a, T> {
+    pub out: &'a mut CudaSlice<T>,
+    pub tokens: usize,
+    pub topk: usize,
+    pub topk_ids: &'a CudaSlice<i32>,
+    pub expert_map: Option<&'a CudaSlice<i32>>,
+    pub global_experts: usize,
+}
+
 struct MoeArgs<'a> {
     blocks: &'a MoeBlocks<'a>,
     topk_weights: Option<&'a CudaSlice<f32>>,
@@ -342,6 +474,7 @@ fn launch_gemm<T: Half>(
     plan: &GemmPlan,
     out: &mut CudaSlice<T>,
     ws: &mut MarlinWorkspace,
+    sum: Option<&mut TopkSum<'_, T>>,
 ) -> Result<()> {
     let name = plan.kernel_name(T::DTYPE, l.moe.is_some());
     let smem = plan.smem_bytes();
@@ -350,17 +483,13 @@ fn launch_gemm<T: Half>(
     let (a, _ga) = dev.ptr(op, "x", l.a, 16)?;
     let (b, _gb) = dev.ptr(op, "qweight", l.qweight, 16)?;
     let (s, _gs) = dev.ptr(op, "scales", l.scales, 16)?;
-    let partials = match (&mut ws.partials, plan.split_k > 1) {
-        (Some(p), true) => Some(dev.ptr_mut(op, "workspace", p, 16)?),
-        _ => None,
+    let (partials, counters) = match (&mut ws.partials, &mut ws.counters, plan.needs_workspace()) {
+        (Some(p), Some(c), true) => {
+            (Some(dev.ptr_mut(op, "workspace", p, 16)?), Some(dev.ptr_mut(op, "workspace", c, 4)?))
+        }
+        (_, _, true) => return Err(Error::invalid(op, "the workspace could not be reserved")),
+        _ => (None, None),
     };
-    let counters = match (&mut ws.counters, plan.split_k > 1) {
-        (Some(c), true) => Some(dev.ptr_mut(op, "workspace", c, 4)?),
-        _ => None,
-    };
-    if plan.split_k > 1 && (partials.is_none() || counters.is_none()) {
-        return Err(Error::invalid(op, "the workspace could not be reserved"));
-    }
     let moe_ptrs = match &l.moe {
         Some(mo) => Some((
             dev.ptr(op, "sorted_token_ids", mo.blocks.sorted_token_ids, 4)?,
@@ -396,7 +525,14 @@ fn launch_gemm<T: Half>(
         capacity: 0,
         smem_bytes: smem as i64,
         channelwise: l.geom.channelwise as i32,
-        split_k: plan.split_k as i32,
+        max_pieces: MAX_PIECES as i32,
+        sum_out: std::ptr::null_mut(),
+        sum_counters: std::ptr::null_mut(),
+        topk_ids: std::ptr::null(),
+        expert_map: std::ptr::null(),
+        sum_tokens: 0,
+        sum_topk: 1,
+        global_experts: 0,
     };
     if let (Some(mo), Some((sorted, experts, ntpp, tw))) = (&l.moe, &moe_ptrs) {
         params.sorted_token_ids = sorted.0 as *const _;
@@ -408,6 +544,34 @@ fn launch_gemm<T: Half>(
         params.block_size = mo.blocks.block_size as i64;
         params.num_experts = mo.num_experts as i64;
         params.capacity = mo.blocks.sorted_token_ids.len() as i64;
+    }
+    // Guards of the fused top-k sum's buffers, alive until after the launch.
+    let mut sum_guards = Vec::new();
+    if let Some(sm) = sum {
+        let need = sm.tokens * plan.n_blocks;
+        if ws.sum_counters.as_ref().is_none_or(|c| c.len() < need) {
+            ws.sum_counters = None;
+            // The kernel relies on zero counters between launches (and leaves them zero).
+            ws.sum_counters = Some(dev.zeros::<i32>(need)?);
+        }
+        let Some(counters) = ws.sum_counters.as_mut() else {
+            return Err(Error::invalid(op, "the workspace could not be reserved"));
+        };
+        let (so, g1) = dev.ptr_mut(op, "out", &mut *sm.out, 16)?;
+        let (sc, g2) = dev.ptr_mut(op, "workspace", counters, 4)?;
+        let (ids, g3) = dev.ptr(op, "topk_ids", sm.topk_ids, 4)?;
+        params.sum_out = so as *mut _;
+        params.sum_counters = sc as *mut _;
+        params.topk_ids = ids as *const _;
+        sum_guards.extend([g1, g2, g3]);
+        if let Some(map) = sm.expert_map {
+            let (mp, g4) = dev.ptr(op, "expert_map", map, 4)?;
+            params.expert_map = mp as *const _;
+            sum_guards.push(g4);
+        }
+        params.sum_tokens = sm.tokens as i64;
+        params.sum_topk = sm.topk as i64;
+        params.global_experts = sm.global_experts as i64;
     }
     let cfg = LaunchConfig {
         grid_dim: (plan.grid_blocks() as u32, 1, 1),
@@ -422,7 +586,22 @@ fn launch_gemm<T: Half>(
     unsafe { dev.launch(&func, cfg, params) }
 }
 
-/// Gathers activation columns by the act-order `perm`: `dst[r, j] = x[r·lda + perm[j]]`.
+/// A gather buffer of at least `len` elements in `slot` (grown, never shrunk).
+fn gather_slot<T: Half>(dev: &Device, slot: &mut Option<CudaSlice<T>>, len: usize) -> Result<()> {
+    if let Some(g) = slot.as_ref() {
+        dev.check_buffer("MarlinWorkspace", "workspace", g, g.len())?;
+    }
+    if slot.as_ref().is_none_or(|g| g.len() < len) {
+        *slot = None;
+        // SAFETY: every use gathers its m·K elements into the buffer before the GEMM reads them.
+        *slot = Some(unsafe { dev.alloc_for_kernel::<T>(len)? });
+    }
+    Ok(())
+}
+
+/// Gathers activation columns by the act-order `perm`: `dst[r, j] = x[r·lda + perm[j]]` into
+/// the first `m·k` elements of `dst`.
+#[allow(clippy::too_many_arguments)]
 fn gather_columns<T: Half>(
     dev: &Device,
     op: &'static str,
@@ -431,15 +610,15 @@ fn gather_columns<T: Half>(
     lda: usize,
     k: usize,
     perm: &CudaSlice<i32>,
-) -> Result<CudaSlice<T>> {
+    dst: &mut CudaSlice<T>,
+) -> Result<()> {
     dev.check_buffer(op, "perm", perm, k)?;
+    check_min(dev, op, "workspace", dst, m * k)?;
     let func = dev.function(FAMILY, "lowbit_marlin_gemm_gather_b16", 0)?;
-    // SAFETY: the gather writes every one of the m·k elements.
-    let mut dst = unsafe { dev.alloc_for_kernel::<T>(m * k)? };
     {
         let (s, _g1) = dev.ptr(op, "x", x, 2)?;
         let (p, _g2) = dev.ptr(op, "perm", perm, 4)?;
-        let (d, _g3) = dev.ptr_mut(op, "x_perm", &mut dst, 16)?;
+        let (d, _g3) = dev.ptr_mut(op, "x_perm", dst, 16)?;
         let params = ffi::LowbitMarlinGemmGatherParams {
             src: s as *const _,
             dst: d as *mut _,
@@ -449,10 +628,10 @@ fn gather_columns<T: Half>(
             lda: lda as i64,
         };
         // SAFETY: x holds at least (m-1)·lda + k elements (checked by the caller), perm k
-        // entries (out-of-range entries read nothing), dst m·k elements.
+        // entries (out-of-range entries read nothing), dst at least m·k elements (checked).
         unsafe { dev.launch(&func, dev.grid_stride(m * k, 256, 256), params)? };
     }
-    Ok(dst)
+    Ok(())
 }
 
 /// `Y = X · dequant(W)` into a new `[m, N]` buffer. `x` holds `m` rows of `lda ≥ K` elements
@@ -521,16 +700,26 @@ pub fn marlin_gemm_into<T: Half>(
     let out_len = m.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "M·N overflows"))?;
     dev.check_buffer(OP, "out", out, out_len)?;
     let plan = plan_gemm(m, geom.n, geom.k, dev.info().sm_count)?;
-    let gathered = match weights.perm() {
-        Some(perm) => Some(gather_columns(dev, OP, x, m, lda, geom.k, perm)?),
-        None => None,
-    };
+    // Act-order: gather into the workspace's buffer, taken out for the call and put back.
+    let mut gathered = None;
+    if let Some(perm) = weights.perm() {
+        let mut buf = T::gather_buffer(workspace).take();
+        gather_slot(dev, &mut buf, m * geom.k)?;
+        if let Some(g) = buf.as_mut() {
+            gather_columns(dev, OP, x, m, lda, geom.k, perm, g)?;
+        }
+        gathered = buf;
+    }
     let (a, lda) = match &gathered {
         Some(g) => (g, geom.k),
         None => (x, lda),
     };
     let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
-    launch_gemm(dev, OP, &launch, &plan, out, workspace)
+    let result = launch_gemm(dev, OP, &launch, &plan, out, workspace, None);
+    if gathered.is_some() {
+        *T::gather_buffer(workspace) = gathered;
+    }
+    result
 }
 
 /// A quantized linear layer for inference: Marlin weights plus its own workspace.
@@ -725,6 +914,41 @@ pub fn marlin_moe_gemm<T: Half>(
     out_rows: usize,
     workspace: &mut MarlinWorkspace,
 ) -> Result<()> {
+    moe_gemm_impl(dev, a, a_rows, experts, blocks, top_k, topk_weights, out, out_rows, workspace, None)
+}
+
+/// [`marlin_moe_gemm`] with the top-k sum fused into its epilogue (see [`TopkSum`]): the fused
+/// MoE's GEMM2 writes its per-slot rows to `out` and their per-token sums to `sum.out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn marlin_moe_gemm_topk_sum<T: Half>(
+    dev: &Device,
+    a: &CudaSlice<T>,
+    a_rows: usize,
+    experts: &MarlinExperts<T>,
+    blocks: &MoeBlocks,
+    topk_weights: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<T>,
+    out_rows: usize,
+    workspace: &mut MarlinWorkspace,
+    sum: &mut TopkSum<'_, T>,
+) -> Result<()> {
+    moe_gemm_impl(dev, a, a_rows, experts, blocks, 1, topk_weights, out, out_rows, workspace, Some(sum))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_gemm_impl<T: Half>(
+    dev: &Device,
+    a: &CudaSlice<T>,
+    a_rows: usize,
+    experts: &MarlinExperts<T>,
+    blocks: &MoeBlocks,
+    top_k: usize,
+    topk_weights: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<T>,
+    out_rows: usize,
+    workspace: &mut MarlinWorkspace,
+    sum: Option<&mut TopkSum<'_, T>>,
+) -> Result<()> {
     const OP: &str = "marlin_moe_gemm";
     let geom = weight_geom(OP, &experts.shape)?;
     if a_rows == 0 || out_rows == 0 {
@@ -754,10 +978,28 @@ pub fn marlin_moe_gemm<T: Half>(
     if let Some(w) = topk_weights {
         check_min(dev, OP, "topk_weights", w, out_rows)?;
     }
+    if let Some(sm) = &sum {
+        // Slot ids index tokens·topk rows: exactly the GEMM's output rows.
+        if sm.tokens.checked_mul(sm.topk) != Some(out_rows) || sm.topk == 0 {
+            return Err(Error::shape(
+                OP,
+                format!("top-k sum of {} tokens x {} over {out_rows} rows", sm.tokens, sm.topk),
+            ));
+        }
+        let sum_len = sm.tokens.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "tokens·N overflows"))?;
+        dev.check_buffer(OP, "out", &*sm.out, sum_len)?;
+        check_min(dev, OP, "topk_ids", sm.topk_ids, out_rows)?;
+        if let Some(map) = sm.expert_map {
+            dev.check_buffer(OP, "expert_map", map, sm.global_experts)?;
+        }
+        if sm.global_experts == 0 || sm.global_experts > i32::MAX as usize {
+            return Err(Error::shape(OP, format!("{} global experts", sm.global_experts)));
+        }
+    }
     let moe = MoeArgs { blocks, topk_weights, top_k, out_rows, num_experts: experts.num_experts };
     let launch =
         Launch { a, lda: geom.k, m: a_rows, qweight: &experts.qweight, scales: &experts.scales, geom, moe: Some(moe) };
-    launch_gemm(dev, OP, &launch, &plan, out, workspace)
+    launch_gemm(dev, OP, &launch, &plan, out, workspace, sum)
 }
 
 /// Every kernel name the planners can produce for `dtype` (for tests and tooling).
@@ -769,7 +1011,7 @@ pub fn all_kernel_names(dtype: DType) -> Vec<String> {
                 if !plannable(m_tiles, block) {
                     continue;
                 }
-                let plan = GemmPlan { m_tiles, block, split_k: 1, m_blocks: 1, n_blocks: 1 };
+                let plan = GemmPlan { m_tiles, block, ctas: 1, iters: 1, m_blocks: 1, n_blocks: 1, moe };
                 v.push(plan.kernel_name(dtype, moe));
             }
         }

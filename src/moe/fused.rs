@@ -1,6 +1,6 @@
 //! The fused Marlin MoE layer: `moe_align_block_size` → GEMM1 (gate_up, per expert `2I × H`) →
-//! `silu(gate) · up` → GEMM2 (down, `H × I`, times the router weight) → sum over the top-k slots
-//! of every token (in k order, so the result is deterministic).
+//! `silu(gate) · up` → GEMM2 (down, `H × I`, times the router weight) with the sum over the top-k
+//! slots of every token fused into its epilogue (in k order, so the result is deterministic).
 //!
 //! Engines call this every layer of every step, so all intermediates live in a [`MoeWorkspace`]
 //! that is reused across calls. [`MoeWorkspace::reserve`] sizes it for the largest call once;
@@ -44,7 +44,7 @@
 //! for step in 0..1000 {
 //!     let tokens = 1 + step % max_tokens; // this step's decode batch
 //!     let (x, topk_weights, topk_ids, out) = &mut bufs[tokens - 1];
-//!     // Capturable: queues moe::fused::launches_per_call(tokens, topk) kernels (5 here) and
+//!     // Capturable: queues moe::fused::launches_per_call(tokens, topk) kernels (4 here) and
 //!     // nothing else — no allocation, no host<->device copy, no host synchronisation.
 //!     fused_marlin_moe_into(&dev, x, tokens, &w13, &w2, topk_weights, topk_ids, topk, None, &opts, &mut ws, out)?;
 //!     // When the engine wants to know (outside a captured region): one sync and one 16-byte read.
@@ -67,14 +67,18 @@ use super::{align_capacity, choose_block_size, validate_align_args, FAMILY};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::marlin::gemm::{marlin_moe_gemm, plan_moe_gemm, Half, MarlinExperts, MarlinWorkspace, MOE_BLOCK_SIZES};
+use crate::marlin::gemm::{
+    marlin_moe_gemm, marlin_moe_gemm_topk_sum, plan_moe_gemm, Half, MarlinExperts, MarlinWorkspace, TopkSum,
+    MOE_BLOCK_SIZES,
+};
 
-/// Launches of a fused call besides the alignment: GEMM1, `silu·mul`, GEMM2, the top-k sum.
-pub const LAUNCHES_AFTER_ALIGN: usize = 4;
+/// Launches of a fused call besides the alignment: GEMM1, `silu·mul`, GEMM2 (with the top-k sum
+/// in its epilogue).
+pub const LAUNCHES_AFTER_ALIGN: usize = 3;
 
 /// Kernel launches one [`fused_marlin_moe_into`] call of `tokens · topk` slots queues: the
 /// alignment's (1 up to [`SINGLE_BLOCK_MAX_SLOTS`] slots, 2 above) plus
-/// [`LAUNCHES_AFTER_ALIGN`]. Decode (≤ 1024 slots): 5.
+/// [`LAUNCHES_AFTER_ALIGN`]. Decode (≤ 1024 slots): 4.
 pub fn launches_per_call(tokens: usize, topk: usize) -> usize {
     AlignKernels::Auto.launches(tokens.saturating_mul(topk)) + LAUNCHES_AFTER_ALIGN
 }
@@ -109,11 +113,12 @@ impl Default for MoeOptions {
 /// and pass it to every call.
 ///
 /// The alignment outputs are kept per token-count bucket (the next power of two) and block size:
-/// the MoE GEMM's grid covers its `sorted_token_ids` buffer (blocks past
-/// `num_tokens_post_padded` exit at once), so one buffer sized for the largest call would give
-/// every decode step the grid of the largest batch; a bucket keeps it within about twice the
-/// problem's own bound. Buffers are never reallocated once made, so their addresses stay valid
-/// for CUDA graphs captured earlier.
+/// the MoE GEMM plans over the routing blocks of its whole `sorted_token_ids` buffer (its tile
+/// count, persistent grid up to the device's CTA slots and stream-K workspace; the kernel works
+/// only on the used prefix, `num_tokens_post_padded`), so one buffer sized for the largest call
+/// would plan every decode step like the largest batch; a bucket keeps the plan within about
+/// twice the problem's own bound. Buffers are never reallocated once made, so their addresses
+/// stay valid for CUDA graphs captured earlier.
 #[derive(Debug)]
 pub struct MoeWorkspace<T> {
     scratch: AlignScratch,
@@ -134,30 +139,46 @@ fn align_key(tokens: usize, topk: usize, experts: usize, block_size: usize) -> (
     (align_capacity(slots, experts, block_size), block_size)
 }
 
-/// Every `align_key` a call of 1..=`max_tokens` tokens maps to (`local` experts hold weights,
-/// `experts` is the routing's expert count; `block_size` the option). Buckets are powers of two;
-/// within one, [`choose_block_size`] is non-decreasing in the token count, so the block sizes
-/// between those of its smallest and largest count cover it.
+/// Every `align_key` a call of 1..=`max_tokens` tokens maps to, with the largest token count that
+/// maps to it (`local` experts hold weights, `experts` is the routing's expert count; `block_size`
+/// the option). Buckets are powers of two; within one, [`choose_block_size`] is non-decreasing in
+/// the token count, so each block size covers a contiguous range of counts.
 fn reserve_keys(
     max_tokens: usize,
     topk: usize,
     local: usize,
     experts: usize,
     block_size: Option<usize>,
-) -> Vec<(usize, usize)> {
+) -> Vec<((usize, usize), usize)> {
+    let bs_of = |t: usize| block_size.unwrap_or_else(|| choose_block_size(t, topk, local));
     let mut keys = Vec::new();
     let mut bucket = 1usize;
     loop {
         let (lo, hi) = (bucket / 2 + 1, bucket.min(max_tokens));
-        let (b0, b1) = match block_size {
-            Some(bs) => (bs, bs),
-            None => (choose_block_size(lo, topk, local), choose_block_size(hi, topk, local)),
-        };
-        for bs in MOE_BLOCK_SIZES.into_iter().filter(|&bs| (b0..=b1).contains(&bs)) {
-            let key = align_key(hi, topk, experts, bs); // the same for every count of the bucket
-            if !keys.contains(&key) {
-                keys.push(key);
+        let mut top = hi;
+        // From the largest count down: the block size of `top`, then the largest count below the
+        // first count with that block size (binary search on the monotone choice).
+        loop {
+            let bs = bs_of(top);
+            // The same key for the whole bucket (and, after rounding, possibly for a smaller one).
+            let key = align_key(top, topk, experts, bs);
+            match keys.iter_mut().find(|k: &&mut ((usize, usize), usize)| k.0 == key) {
+                Some(k) => k.1 = k.1.max(top),
+                None => keys.push((key, top)),
             }
+            let (mut a, mut b) = (lo, top); // smallest count in [lo, top] with block size bs
+            while a < b {
+                let mid = (a + b) / 2;
+                if bs_of(mid) == bs {
+                    b = mid;
+                } else {
+                    a = mid + 1;
+                }
+            }
+            if a == lo {
+                break;
+            }
+            top = a - 1;
         }
         if hi >= max_tokens {
             return keys;
@@ -204,7 +225,7 @@ impl<T: Half> MoeWorkspace<T> {
         dev.check_buffer(OP, "qweight", &w13.qweight, w13.qweight.len())?;
         let (e, local) = (p.global_experts, w13.num_experts());
         let keys = reserve_keys(max_tokens, topk, local, e, opts.block_size);
-        for &key in &keys {
+        for &(key, _) in &keys {
             if let Entry::Vacant(v) = self.align.entry(key) {
                 v.insert(AlignBuffers::new(dev, key.0, key.1)?);
             }
@@ -217,25 +238,43 @@ impl<T: Half> MoeWorkspace<T> {
             let max_chunks = tops.chain([max_slots]).map(|s| chunk_plan(s).1).max().unwrap_or(1);
             self.scratch.ensure_chunks(dev, max_chunks, e)?;
         }
-        let block_sizes: Vec<(usize, usize)> = keys.iter().map(|&(cap, bs)| (bs, cap)).collect();
-        let slots = max_tokens * topk;
-        at_least(dev, &mut self.gate_up, slots * 2 * p.inter)?;
-        at_least(dev, &mut self.act, slots * p.inter)?;
-        at_least(dev, &mut self.partial, slots * p.hidden)?;
+        at_least(dev, &mut self.gate_up, max_slots * 2 * p.inter)?;
+        at_least(dev, &mut self.act, max_slots * p.inter)?;
+        at_least(dev, &mut self.partial, max_slots * p.hidden)?;
         // Load the kernels now, not inside the first (possibly captured) call: a module load there
         // may be refused during capture and is a host-side stall in any case.
         dev.function(FAMILY, "lowbit_moe_align_single", COUNT_SMEM_LIMIT)?;
         dev.function(FAMILY, "lowbit_moe_align_count", COUNT_SMEM_LIMIT)?;
         dev.function(FAMILY, "lowbit_moe_align_scatter", 0)?;
         dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
-        dev.function(FAMILY, &format!("lowbit_moe_sum_{}", T::DTYPE.name()), 0)?;
         let sm = dev.info().sm_count;
-        for (bs, cap) in block_sizes {
+        for &((cap, bs), _) in &keys {
             for w in [w13, w2] {
                 let plan = plan_moe_gemm(bs, cap, w.n(), w.k(), sm)?;
                 dev.function("marlin", &plan.kernel_name(T::DTYPE, true), plan.smem_bytes())?;
+                self.marlin.reserve(dev, &plan)?;
             }
         }
+        // The Marlin workspace also holds state the GEMM sizes itself (the fused top-k sum's
+        // per-token counters, growing with the token count for a given plan): one call per buffer
+        // key at its largest token count grows everything to what any call can need. Inputs are
+        // zeros routed to experts 0..topk (skipped where not local); nothing is reported.
+        let pending = std::mem::take(&mut self.pending);
+        let warm = MoeOptions { validate_ids: false, ..*opts };
+        for &(_, tokens) in &keys {
+            let x = dev.zeros::<T>(tokens * p.hidden)?;
+            let weights = dev.zeros::<f32>(tokens * topk)?;
+            let ids = dev.htod(&(0..tokens * topk).map(|s| (s % topk) as i32).collect::<Vec<_>>())?;
+            let mut out = dev.zeros::<T>(tokens * p.hidden)?;
+            let r = fused_marlin_moe_into(
+                dev, &x, tokens, w13, w2, &weights, &ids, topk, expert_map, &warm, self, &mut out,
+            );
+            if r.is_err() {
+                self.pending = pending;
+                return r;
+            }
+        }
+        self.pending = pending;
         Ok(())
     }
 
@@ -414,7 +453,6 @@ pub fn fused_marlin_moe_into<T: Half>(
     dev.check_buffer(OP, "out", out, p.tokens * p.hidden)?;
     let slots = p.tokens * p.topk;
     let silu = dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
-    let sum = dev.function(FAMILY, &format!("lowbit_moe_sum_{}", T::DTYPE.name()), 0)?;
 
     // 1. Alignment (buffers per token bucket and block size, reused; see MoeWorkspace).
     let key = align_key(p.tokens, p.topk, p.global_experts, p.block_size);
@@ -469,30 +507,17 @@ pub fn fused_marlin_moe_into<T: Half>(
         unsafe { dev.launch(&silu, cfg, params)? };
     }
 
-    // 4. GEMM2: partial[s] = topk_weights[s] · act[s] · W2_e.
-    marlin_moe_gemm(dev, &*act, slots, w2, &blocks, 1, Some(topk_weights), partial, slots, marlin)?;
-
-    // 5. out[t] = Σ_k partial[t·topk + k] over local slots, in k order.
-    {
-        let (pp, _g1) = dev.ptr(OP, "partial", &*partial, VEC_ALIGN)?;
-        let (o, _g2) = dev.ptr_mut(OP, "out", out, VEC_ALIGN)?;
-        let (ids, _g3) = dev.ptr(OP, "topk_ids", topk_ids, 4)?;
-        let map = expert_map.map(|m| dev.ptr(OP, "expert_map", m.device(), 4)).transpose()?;
-        let params = ffi::LowbitMoeSumParams {
-            partial: pp as *const _,
-            out: o as *mut _,
-            topk_ids: ids as *const i32,
-            expert_map: map.as_ref().map_or(0, |g| g.0) as *const i32,
-            tokens: p.tokens as i64,
-            hidden: p.hidden as i64,
-            topk: p.topk as i32,
-            num_experts: p.global_experts as i32,
-        };
-        let cfg = dev.grid_stride(p.tokens * (p.hidden / 8), THREADS, THREADS as usize);
-        // SAFETY: partial holds slots·H elements, out tokens·H (checked), H % 8 == 0, 16-byte
-        // aligned; ids are range-checked before indexing the map; guards order the buffers.
-        unsafe { dev.launch(&sum, cfg, params)? };
-    }
+    // 4. GEMM2: partial[s] = topk_weights[s] · act[s] · W2_e, and in its epilogue
+    //    out[t] = Σ_k partial[t·topk + k] over local slots, in k order (zeros for tokens with none).
+    let mut sum = TopkSum {
+        out,
+        tokens: p.tokens,
+        topk: p.topk,
+        topk_ids,
+        expert_map: expert_map.map(|m| m.device()),
+        global_experts: p.global_experts,
+    };
+    marlin_moe_gemm_topk_sum(dev, &*act, slots, w2, &blocks, Some(topk_weights), partial, slots, marlin, &mut sum)?;
     Ok(())
 }
 
@@ -506,14 +531,24 @@ mod tests {
             for block in [None, Some(16), Some(48)] {
                 for max_tokens in [1usize, 2, 3, 64, 100, 1000, 5000] {
                     let keys = reserve_keys(max_tokens, topk, local, experts, block);
-                    assert!(keys.len() <= 4 * (max_tokens.ilog2() as usize + 1), "a few buffers per bucket");
+                    assert!(keys.len() <= 5 * (max_tokens.ilog2() as usize + 1), "a few buffers per bucket");
+                    let mut largest = std::collections::HashMap::new();
                     for tokens in 1..=max_tokens {
                         let bs = block.unwrap_or_else(|| choose_block_size(tokens, topk, local));
                         let key = align_key(tokens, topk, experts, bs);
-                        assert!(keys.contains(&key), "tokens {tokens} of max {max_tokens}, topk {topk}, {block:?}");
+                        largest.insert(key, tokens);
+                        assert!(
+                            keys.iter().any(|k| k.0 == key),
+                            "tokens {tokens} of max {max_tokens}, topk {topk}, {block:?}"
+                        );
                         // Within about twice the problem's own bound, and a multiple of the block.
                         let exact = align_capacity(tokens * topk, experts, bs);
                         assert!(key.0 >= exact && key.0 <= 2 * exact + bs && key.0 % bs == 0, "{key:?} vs {exact}");
+                    }
+                    // Each key once, with the largest count that uses it (reserve's warm-up call).
+                    assert_eq!(keys.len(), largest.len());
+                    for (key, top) in &keys {
+                        assert_eq!(largest.get(key), Some(top), "{key:?}");
                     }
                 }
             }

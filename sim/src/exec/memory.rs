@@ -92,15 +92,18 @@ impl Launch<'_> {
         }
         a.read_bytes(off, out);
         if self.profiling {
-            if self.unique.len() <= i {
-                self.unique.resize_with(i + 1, Vec::new);
-            }
-            let bits = &mut self.unique[i];
-            if bits.is_empty() {
-                *bits = vec![0; a.size.div_ceil(64)];
-            }
+            let words = a.size.div_ceil(64);
+            let (bits, first, written) = (
+                bitmap(&mut self.unique, i, words),
+                bitmap(&mut self.first_touch, i, words),
+                self.written.get(i).filter(|w| !w.is_empty()),
+            );
             for b in off..off + out.len() {
-                bits[b / 64] |= 1 << (b % 64);
+                let (w, m) = (b / 64, 1u64 << (b % 64));
+                if bits[w] & m == 0 && written.is_none_or(|wr| wr[w] & m == 0) {
+                    first[w] |= m; // read before this launch wrote it: must come from memory
+                }
+                bits[w] |= m;
             }
         }
         Ok(())
@@ -109,8 +112,15 @@ impl Launch<'_> {
     #[inline]
     pub(crate) fn gstore(&mut self, addr: u64, src: &[u8], align: usize) -> Result<(), MemErr> {
         let (i, off) = self.global(addr, src.len(), align)?;
+        let size = self.view.live[i].size;
         self.view.live[i].write_bytes(off, src);
         self.progress += 1;
+        if self.profiling {
+            let written = bitmap(&mut self.written, i, size.div_ceil(64));
+            for b in off..off + src.len() {
+                written[b / 64] |= 1 << (b % 64);
+            }
+        }
         Ok(())
     }
 
@@ -364,4 +374,16 @@ impl Cta {
             !finish
         });
     }
+}
+
+/// The bitmap of allocation `i` in `maps`, created (all clear) on first use.
+fn bitmap(maps: &mut Vec<Vec<u64>>, i: usize, words: usize) -> &mut Vec<u64> {
+    if maps.len() <= i {
+        maps.resize_with(i + 1, Vec::new);
+    }
+    let b = &mut maps[i];
+    if b.is_empty() {
+        *b = vec![0; words];
+    }
+    b
 }

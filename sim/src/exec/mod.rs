@@ -59,6 +59,10 @@ pub(crate) struct Launch<'a> {
     pub prof: Profile,
     /// Distinct global bytes read (profiling only): a bitmap per allocation (index in `view`).
     pub unique: Vec<Vec<u64>>,
+    /// Of those, the ones first read before any store of this launch wrote them (profiling only).
+    pub first_touch: Vec<Vec<u64>>,
+    /// Global bytes stored by this launch (profiling only).
+    pub written: Vec<Vec<u64>>,
     pub smem_size: usize,
     pub nthreads: u32,
     /// Index in `view.live` of the allocation the last global access hit.
@@ -166,6 +170,8 @@ pub fn launch(
         profiling: sim.profile.is_some(),
         prof: Profile::default(),
         unique: Vec::new(),
+        first_touch: Vec::new(),
+        written: Vec::new(),
         smem_size,
         nthreads: threads as u32,
         last_alloc: 0,
@@ -261,8 +267,9 @@ pub fn launch(
         }
     };
     if l.profiling {
-        l.prof.global_unique_bytes_read =
-            l.unique.iter().map(|b| b.iter().map(|w| w.count_ones() as u64).sum::<u64>()).sum();
+        let ones = |v: &[Vec<u64>]| v.iter().map(|b| b.iter().map(|w| w.count_ones() as u64).sum::<u64>()).sum();
+        l.prof.global_unique_bytes_read = ones(&l.unique);
+        l.prof.global_first_touch_bytes_read = ones(&l.first_touch);
     }
     let wall = start.elapsed();
     if let Some(path) = &sim.profile {

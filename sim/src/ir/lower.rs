@@ -358,6 +358,7 @@ impl<'m> Lowerer<'m> {
             }
             Op::Setp { t: Ty::F(_), .. } | Op::Set { t: Ty::F(_), .. } => Class::Half2,
             Op::Cvt { .. } | Op::CvtPack { .. } => Class::Convert,
+            Op::Mov { .. } | Op::Pack { .. } | Op::Unpack { .. } => Class::Move,
             Op::Mma { .. } => Class::Mma,
             Op::Ld { space: Space::Shared, .. }
             | Op::St { space: Space::Shared, .. }

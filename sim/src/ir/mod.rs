@@ -609,6 +609,9 @@ pub enum Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     Int,
+    /// `mov` (registers, immediates, special registers) and the vector pack/unpack forms of
+    /// `mov`: data movement a compiler folds into operands.
+    Move,
     Fp32,
     Half2,
     Convert,
