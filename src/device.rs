@@ -111,6 +111,12 @@ pub struct Device {
     functions: Mutex<FunctionCache>,
     /// Kernels launched through this device so far.
     launches: AtomicU64,
+    /// Device allocations made through this device's helpers so far.
+    allocations: AtomicU64,
+    /// Host↔device copies made through this device's helpers so far.
+    host_copies: AtomicU64,
+    /// Host waits on the stream (explicit, or inside a device-to-host copy) so far.
+    syncs: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
@@ -151,6 +157,9 @@ impl Device {
             modules: Mutex::default(),
             functions: Mutex::default(),
             launches: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
+            host_copies: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -175,23 +184,47 @@ impl Device {
         self.launches.load(Ordering::Relaxed)
     }
 
+    /// How many device allocations lowbit has made through this device ([`Device::zeros`],
+    /// [`Device::htod`] and the kernels' output buffers).
+    pub fn alloc_count(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// How many host↔device copies lowbit has made through this device ([`Device::htod`],
+    /// [`Device::dtoh`]).
+    pub fn host_copy_count(&self) -> u64 {
+        self.host_copies.load(Ordering::Relaxed)
+    }
+
+    /// How many times lowbit has made the host wait for its stream ([`Device::synchronize`], and
+    /// the wait inside every [`Device::dtoh`]).
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
     /// Waits for all work lowbit queued on its stream.
     pub fn synchronize(&self) -> Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         self.stream.synchronize().map_err(Error::cuda("cuStreamSynchronize"))
     }
 
     /// Copies a host slice to a new device buffer.
     pub fn htod<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.host_copies.fetch_add(1, Ordering::Relaxed);
         self.stream.clone_htod(data).map_err(Error::cuda("memcpy host to device"))
     }
 
-    /// Copies a device buffer (or view) back to the host.
+    /// Copies a device buffer (or view) back to the host (synchronising).
     pub fn dtoh<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(&self, src: &S) -> Result<Vec<T>> {
+        self.host_copies.fetch_add(1, Ordering::Relaxed);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         self.stream.clone_dtoh(src).map_err(Error::cuda("memcpy device to host"))
     }
 
     /// A zero-filled device buffer.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
         self.stream.alloc_zeros(len.max(1)).map_err(Error::cuda("cuMemAlloc"))
     }
 
@@ -201,6 +234,7 @@ impl Device {
     /// The contents are uninitialised: the caller must fully overwrite the buffer before it is read
     /// or returned, and must not return it on an error path.
     pub(crate) unsafe fn alloc_for_kernel<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded to the caller's contract above.
         unsafe { self.stream.alloc(len.max(1)) }.map_err(Error::cuda("cuMemAlloc"))
     }

@@ -624,3 +624,85 @@ fn exact_fused_f16() {
     let dev = gpu_or_skip!();
     exact_fused::<f16>(&dev);
 }
+
+// ---- the capturable decode path (issue 9) ------------------------------------------------------
+
+/// Kernel launches of one decode call (≤ 1024 slots): align (one block), GEMM1, `silu·mul`, GEMM2
+/// (with the top-k sum in its epilogue). Change it here when kernels are fused (e.g. `silu·mul`
+/// into GEMM1's epilogue).
+const DECODE_LAUNCHES: u64 = 4;
+/// Above 1024 slots the alignment takes two kernels (count + scan, scatter).
+const LARGE_LAUNCHES: u64 = DECODE_LAUNCHES + 1;
+
+#[test]
+fn reserved_workspace_allocates_copies_and_syncs_nothing() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(27);
+    let (e, topk) = (16usize, 4usize);
+    let c = case::<bf16>(&dev, &mut rng, e, 256, 128, GroupSize::Group(128), true);
+    let h = 256;
+    // Token counts up and down, both alignment paths (300·4 = 1200 slots > 1024).
+    let max_tokens = 300;
+    let ms = [1usize, 7, 64, 3, 300, 2, 256];
+    let lax = MoeOptions { validate_ids: false, ..MoeOptions::default() };
+    // Everything a call reads or writes is uploaded first (uploads allocate and copy).
+    let inputs: Vec<_> = ms
+        .iter()
+        .map(|&m| {
+            let x: Vec<bf16> = rng.normal_vec(m * h, 0.1);
+            let (tw, ids) = random_routing(&mut rng, m, topk, e);
+            (dev.htod(&x).unwrap(), dev.htod(&tw).unwrap(), dev.htod(&ids).unwrap(), dev.zeros::<bf16>(m * h).unwrap())
+        })
+        .collect();
+    let mut ws = MoeWorkspace::<bf16>::new(&dev).unwrap();
+    ws.reserve(&dev, &c.m13, &c.m2, max_tokens, topk, None, &lax).unwrap();
+    assert!(ws.reserve(&dev, &c.m13, &c.m2, 0, topk, None, &lax).is_err(), "reserve validates like a call");
+    let mut outs: Vec<_> = inputs.iter().map(|i| i.3.clone()).collect();
+    dev.synchronize().unwrap();
+    let before = (dev.alloc_count(), dev.host_copy_count(), dev.sync_count());
+    for (j, ((x, tw, ids, _), &m)) in inputs.iter().zip(&ms).enumerate() {
+        let l0 = dev.launch_count();
+        moe::fused::fused_marlin_moe_into(&dev, x, m, &c.m13, &c.m2, tw, ids, topk, None, &lax, &mut ws, &mut outs[j])
+            .unwrap();
+        let launches = dev.launch_count() - l0;
+        let want = if m * topk <= moe::SINGLE_BLOCK_MAX_SLOTS { DECODE_LAUNCHES } else { LARGE_LAUNCHES };
+        assert_eq!(launches, want, "M={m}: launches per call");
+        assert_eq!(launches as usize, moe::fused::launches_per_call(m, topk), "M={m}: the documented count");
+    }
+    let after = (dev.alloc_count(), dev.host_copy_count(), dev.sync_count());
+    assert_eq!(after, before, "(allocations, host copies, host syncs) over {} reserved calls", ms.len());
+    assert!(ws.check_ids(&dev).is_ok());
+    // Same bits as validating calls on a fresh, unreserved workspace.
+    let mut fresh = MoeWorkspace::<bf16>::new(&dev).unwrap();
+    for ((x, tw, ids, _), (&m, out)) in inputs.iter().zip(ms.iter().zip(&outs)) {
+        let want =
+            moe::fused_marlin_moe(&dev, x, m, &c.m13, &c.m2, tw, ids, topk, None, &MoeOptions::default(), &mut fresh)
+                .unwrap();
+        let bits = |v: Vec<bf16>| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(dev.dtoh(out).unwrap()), bits(dev.dtoh(&want).unwrap()), "M={m}: reserved vs fresh");
+    }
+
+    // Bad ids on the capturable path: skipped on the device, reported by check_ids.
+    let m = 3;
+    let (x, tw, _, _) = &inputs[3];
+    let bad = dev.htod(&[0i32, 1, 2, 3, 4, 5, 6, 7, 8, 99, 10, 11]).unwrap(); // slot 9 = token 2, k 1
+    let good = dev.htod(&[0i32, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]).unwrap();
+    let mut out = dev.zeros::<bf16>(m * h).unwrap();
+    let call = |ids: &_, opts: &MoeOptions, ws: &mut MoeWorkspace<bf16>, out: &mut _| {
+        moe::fused::fused_marlin_moe_into(&dev, x, m, &c.m13, &c.m2, tw, ids, topk, None, opts, ws, out)
+    };
+    let s0 = (dev.alloc_count(), dev.host_copy_count(), dev.sync_count());
+    call(&bad, &lax, &mut ws, &mut out).unwrap();
+    call(&good, &lax, &mut ws, &mut out).unwrap();
+    assert_eq!((dev.alloc_count(), dev.host_copy_count(), dev.sync_count()), s0, "no host work for bad ids either");
+    // A validating call reports its own ids only (these are good) and leaves the pending word.
+    assert!(call(&good, &MoeOptions::default(), &mut ws, &mut out).is_ok());
+    match ws.check_ids(&dev) {
+        Err(Error::InvalidArgument { msg, .. }) => assert!(msg.contains("token 2, k 1"), "{msg}"),
+        other => panic!("expected the pending bad id, got {other:?}"),
+    }
+    assert!(ws.check_ids(&dev).is_ok(), "check_ids resets the word");
+    // A validating call with bad ids still fails before the GEMMs, and does not leave them pending.
+    assert!(matches!(call(&bad, &MoeOptions::default(), &mut ws, &mut out), Err(Error::InvalidArgument { .. })));
+    assert!(ws.check_ids(&dev).is_ok());
+}

@@ -1,13 +1,15 @@
 //! GPU tests of the MoE routing kernels against the CPU reference: `moe_align_block_size` over
 //! the full grid (exact: the kernel's order within an expert is ascending slot index, the
 //! same as the reference; ids per expert are also compared as sets), determinism, expert maps,
-//! both gating schemes, and bad input. Skips without a GPU.
+//! both gating schemes, and bad input; the single-block (decode) and two-kernel alignments agree
+//! bit for bit on every element, and the device-side status word accumulates until checked.
+//! Skips without a GPU.
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use lowbit::moe::{self, ExpertMap, GroupedTopK};
+use lowbit::moe::{self, AlignKernels, AlignWorkspace, ExpertMap, GroupedTopK};
 use lowbit::reference::moe as rm;
 use lowbit::reference::rng::Rng;
 use lowbit::{bf16, Error};
@@ -62,6 +64,23 @@ fn align_matches_reference_on_the_full_grid() {
                         "{ctx}: ids per expert as sets"
                     );
                     assert_eq!(sorted, want.sorted_token_ids, "{ctx}: exact order (ascending slot per expert)");
+                    if tokens * topk <= moe::SINGLE_BLOCK_MAX_SLOTS {
+                        // Auto ran the single-block kernel: the two-kernel path gives the same bits.
+                        let two = moe::moe_align_block_size_with(
+                            &dev,
+                            &d_ids,
+                            tokens,
+                            topk,
+                            experts,
+                            bs,
+                            None,
+                            AlignKernels::TwoKernel,
+                        )
+                        .unwrap();
+                        assert_eq!(dev.dtoh(two.sorted_token_ids()).unwrap(), sorted, "{ctx}: two-kernel path");
+                        assert_eq!(dev.dtoh(two.expert_ids()).unwrap(), eids, "{ctx}: two-kernel path");
+                        assert_eq!(dev.dtoh(two.num_tokens_post_padded()).unwrap()[0] as usize, ntpp);
+                    }
                 }
             }
         }
@@ -118,6 +137,185 @@ fn align_rejects_bad_input() {
     assert!(ExpertMap::new(&dev, &[0, 2, -1, -1], 2).is_err());
     let map = ExpertMap::new(&dev, &[0, 1, -1], 2).unwrap();
     assert!(moe::moe_align_block_size(&dev, &good, 3, 2, 4, 8, Some(&map)).is_err(), "map size");
+}
+
+/// An alignment read back: (sorted_token_ids, expert_ids, num_tokens_post_padded).
+type AlignOut = (Vec<i32>, Vec<i32>, usize);
+
+/// `moe_align_block_size` written from its definition for ids that may be out of range: such slots
+/// are skipped (what both GPU paths do), everything else as in the reference.
+fn align_skipping_bad(ids: &[i32], slots: usize, experts: usize, bs: usize, map: Option<&[i32]>) -> AlignOut {
+    let mut lists: Vec<Vec<i32>> = vec![Vec::new(); experts];
+    for (s, &e) in ids.iter().enumerate() {
+        if e >= 0 && (e as usize) < experts {
+            lists[e as usize].push(s as i32);
+        }
+    }
+    let (mut sorted, mut labels) = (Vec::new(), Vec::new());
+    for (e, l) in lists.iter().enumerate() {
+        let padded = l.len().div_ceil(bs) * bs;
+        sorted.extend_from_slice(l);
+        sorted.resize(sorted.len() + padded - l.len(), slots as i32);
+        labels.resize(labels.len() + padded / bs, map.map_or(e as i32, |m| m[e]));
+    }
+    let total = sorted.len();
+    let cap = moe::align_capacity(slots, experts, bs);
+    sorted.resize(cap, slots as i32);
+    labels.resize(cap / bs, -1);
+    (sorted, labels, total)
+}
+
+/// One non-validating alignment on `kernels`: (sorted_token_ids, expert_ids, ntpp) and the status.
+#[allow(clippy::too_many_arguments)]
+fn align_on(
+    dev: &lowbit::Device,
+    kernels: AlignKernels,
+    ids: &cudarc::driver::CudaSlice<i32>,
+    tokens: usize,
+    topk: usize,
+    experts: usize,
+    bs: usize,
+    map: Option<&ExpertMap>,
+) -> (AlignOut, Result<(), Error>) {
+    let mut ws = AlignWorkspace::with_kernels(dev, kernels).unwrap();
+    let blocks = ws.align(dev, ids, tokens, topk, experts, bs, map).unwrap();
+    let out = (
+        dev.dtoh(blocks.sorted_token_ids).unwrap(),
+        dev.dtoh(blocks.expert_ids).unwrap(),
+        dev.dtoh(blocks.num_tokens_post_padded).unwrap()[0] as usize,
+    );
+    (out, ws.check_ids(dev))
+}
+
+#[test]
+fn single_block_and_two_kernel_alignments_agree() {
+    let dev = gpu_or_skip!();
+    let mut rng = Rng::new(15);
+    let limit = moe::SINGLE_BLOCK_MAX_SLOTS;
+    assert_eq!(limit, 1024);
+    // (tokens, topk, experts): decode shapes, many experts, slots at the limit and just above.
+    let cases = [
+        (1usize, 1usize, 1usize),
+        (1, 8, 384),
+        (3, 2, 4),
+        (13, 8, 1024),
+        (40, 6, 64),
+        (128, 8, 384),  // 1024 slots: the limit
+        (1024, 1, 8),   // 1024 slots, 8 experts: long per-expert lists
+        (341, 3, 1024), // 1023
+        (1025, 1, 64),  // 1025: just above
+        (129, 8, 384),  // 1032
+    ];
+    for (tokens, topk, experts) in cases {
+        let slots = tokens * topk;
+        let clean = random_ids(&mut rng, tokens, topk, experts);
+        let mut bad = clean.clone();
+        for (j, v) in [experts as i32, -1, i32::MAX, i32::MIN].into_iter().enumerate() {
+            let s = (j * 7919 + 3) % slots;
+            bad[s] = v;
+        }
+        let first_bad = (0..slots).find(|&s| bad[s] != clean[s]).unwrap();
+        let maps: Vec<Option<ExpertMap>> = if experts % 2 == 0 {
+            vec![None, Some(ExpertMap::contiguous(&dev, experts, 2, 1).unwrap())]
+        } else {
+            vec![None]
+        };
+        for bs in [1usize, 8, 16, 32, 48, 64, 128] {
+            for map in &maps {
+                for ids in [&clean, &bad] {
+                    let is_bad = std::ptr::eq(ids, &bad);
+                    let ctx = format!(
+                        "tokens {tokens} topk {topk} experts {experts} block {bs} map {} bad {is_bad}",
+                        map.is_some()
+                    );
+                    let d_ids = dev.htod(ids).unwrap();
+                    let (two, two_st) =
+                        align_on(&dev, AlignKernels::TwoKernel, &d_ids, tokens, topk, experts, bs, map.as_ref());
+                    let (auto, auto_st) =
+                        align_on(&dev, AlignKernels::Auto, &d_ids, tokens, topk, experts, bs, map.as_ref());
+                    assert_eq!(auto, two, "{ctx}: auto vs two-kernel");
+                    if slots <= limit {
+                        let (one, one_st) =
+                            align_on(&dev, AlignKernels::SingleBlock, &d_ids, tokens, topk, experts, bs, map.as_ref());
+                        assert_eq!(one.2, two.2, "{ctx}: num_tokens_post_padded");
+                        assert_eq!(one.1, two.1, "{ctx}: expert_ids");
+                        assert_eq!(one.0, two.0, "{ctx}: sorted_token_ids");
+                        assert_eq!(format!("{one_st:?}"), format!("{two_st:?}"), "{ctx}: status");
+                    } else {
+                        let mut ws = AlignWorkspace::with_kernels(&dev, AlignKernels::SingleBlock).unwrap();
+                        assert!(
+                            matches!(
+                                ws.align(&dev, &d_ids, tokens, topk, experts, bs, map.as_ref()),
+                                Err(Error::InvalidArgument { .. })
+                            ),
+                            "{ctx}: the single-block kernel refuses more than {limit} slots"
+                        );
+                    }
+                    let mslice = map.as_ref().map(|m| m.as_slice());
+                    if is_bad {
+                        assert_eq!(
+                            two,
+                            align_skipping_bad(ids, slots, experts, bs, mslice),
+                            "{ctx}: bad slots skipped"
+                        );
+                        let want = format!("token {}, k {}", first_bad / topk, first_bad % topk);
+                        match (two_st, auto_st) {
+                            (
+                                Err(Error::InvalidArgument { msg: a, .. }),
+                                Err(Error::InvalidArgument { msg: b, .. }),
+                            ) => {
+                                assert!(a.contains(&want) && b.contains(&want), "{ctx}: {a} / {b}, want {want}")
+                            }
+                            other => panic!("{ctx}: expected the bad id to be reported, got {other:?}"),
+                        }
+                    } else {
+                        let r = rm::moe_align_block_size(ids, tokens, topk, experts, bs, mslice).unwrap();
+                        assert_eq!(
+                            two,
+                            (r.sorted_token_ids, r.expert_ids, r.num_tokens_post_padded),
+                            "{ctx}: reference"
+                        );
+                        assert!(two_st.is_ok() && auto_st.is_ok(), "{ctx}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn status_word_accumulates_until_checked() {
+    let dev = gpu_or_skip!();
+    let mut ws = AlignWorkspace::new(&dev).unwrap();
+    let (tokens, topk, e) = (4usize, 2usize, 8usize);
+    let with_bad = |slot: usize| {
+        let mut v: Vec<i32> = (0..tokens * topk).map(|s| (s % e) as i32).collect();
+        v[slot] = 99;
+        dev.htod(&v).unwrap()
+    };
+    let good = dev.htod(&(0..tokens * topk).map(|s| (s % e) as i32).collect::<Vec<_>>()).unwrap();
+    let (b5, b2) = (with_bad(5), with_bad(2));
+    let before = (dev.sync_count(), dev.host_copy_count());
+    for ids in [&good, &b5, &b2, &good] {
+        ws.align(&dev, ids, tokens, topk, e, 8, None).unwrap();
+    }
+    assert_eq!((dev.sync_count(), dev.host_copy_count()), before, "aligning never waits for nor copies to the host");
+    // The smallest bad slot of all calls since the last check: slot 2 = token 1, k 0.
+    match ws.check_ids(&dev) {
+        Err(Error::InvalidArgument { msg, .. }) => assert!(msg.contains("token 1, k 0"), "{msg}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert!(ws.check_ids(&dev).is_ok(), "checking resets the word");
+    ws.align(&dev, &good, tokens, topk, e, 8, None).unwrap();
+    assert!(ws.check_ids(&dev).is_ok());
+    ws.align(&dev, &b5, tokens, topk, e, 8, None).unwrap();
+    // A different top-k since the last check: the slot is reported as such.
+    let ids16 = dev.htod(&[0i32; 8]).unwrap();
+    ws.align(&dev, &ids16, 1, 8, 8, 8, None).unwrap();
+    match ws.check_ids(&dev) {
+        Err(Error::InvalidArgument { msg, .. }) => assert!(msg.contains("slot 5"), "{msg}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
 }
 
 /// Rows whose grouped selection is decided by more than `eps` at every boundary (so last-ulp

@@ -17,7 +17,14 @@
 #define LOWBIT_MOE_ALIGN_MAX_ROUNDS 16
 #define LOWBIT_MOE_ALIGN_COUNT_WARPS 32
 #define LOWBIT_MOE_ALIGN_SCATTER_WARPS 4
-/* Status words of the alignment (initialised to all ones by the host). */
+/* The one-launch alignment for small problems (decode): one block, one slot per thread, so
+ * slots <= LOWBIT_MOE_ALIGN_SINGLE_MAX_SLOTS; its per-warp 16-bit histograms need 64 * E bytes of
+ * dynamic shared memory (64 KiB at LOWBIT_MOE_MAX_EXPERTS). */
+#define LOWBIT_MOE_ALIGN_SINGLE_THREADS 1024
+#define LOWBIT_MOE_ALIGN_SINGLE_MAX_SLOTS 1024 /* = LOWBIT_MOE_ALIGN_SINGLE_THREADS */
+/* Status words of the alignment (all ones = nothing to report; reset on the device by a memset).
+ * `status` points at one block of LOWBIT_MOE_STATUS_WORDS words; the host keeps two such blocks
+ * per workspace (ids since the caller last checked, and one validating call's own). */
 #define LOWBIT_MOE_STATUS_BAD_ID 0 /* smallest slot index holding an expert id outside [0, E) */
 #define LOWBIT_MOE_STATUS_WORDS 1
 
@@ -40,7 +47,10 @@ typedef struct LowbitMoeTopkParams {
 
 /* moe_align_block_size over topk_ids [slots] (slots = tokens * topk): a stable counting sort of
  * the slots by expert, every expert's list padded to a multiple of block_size with the sentinel
- * `slots`. Two kernels: count (+ scan in the last block to finish) and scatter (+ padding). */
+ * `slots`. Two kernels: count (+ scan in the last block to finish) and scatter (+ padding); or,
+ * for slots <= LOWBIT_MOE_ALIGN_SINGLE_MAX_SLOTS, the single-block kernel (chunk_counts,
+ * expert_base, expert_count, done, chunk and num_chunks unused). Positions [0, capacity) are all
+ * written: capacity may exceed the problem's bound (a workspace's reused buffer). */
 typedef struct LowbitMoeAlignParams {
     const int32_t *topk_ids;         /* [slots] global expert ids */
     const int32_t *expert_map;       /* [num_experts] global -> local expert or -1; null = identity */

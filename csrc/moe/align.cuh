@@ -217,5 +217,84 @@ __device__ __forceinline__ void align_scatter(const LowbitMoeAlignParams &p) {
     for (long long b = total / bs + tid; b < p.capacity / bs; b += nthreads) p.expert_ids[b] = -1;
 }
 
+// Small problems (decode): everything in one block of LOWBIT_MOE_ALIGN_SINGLE_THREADS threads,
+// one slot per thread (slots <= LOWBIT_MOE_ALIGN_SINGLE_MAX_SLOTS = the block size), so the whole
+// alignment is one launch:
+//  1. every warp histograms its 32 consecutive slots into its own row of 16-bit counts (shared
+//     atomics on pairs packed in 32-bit words: 64 * E bytes for 32 warps, as the count kernel);
+//  2. one thread per expert turns its column into exclusive prefixes over the warps (in place,
+//     16-bit: at most 1024 slots) and its count; a block scan over the padded counts gives every
+//     expert's base and num_tokens_post_padded;
+//  3. every lane writes its slot at base[e] + prefix[warp][e] + (lower lanes of its warp with the
+//     same expert, __match_any_sync): ascending slot index within an expert, exactly the order of
+//     the two-kernel path and of the reference;
+//  4. padding: every position of [0, capacity) that holds no slot gets the sentinel (the owner of
+//     a position below the total is the last expert whose base is <= it), every block its label,
+//     blocks past the total -1.
+// Steps 3 and 4 write disjoint positions, so they need no barrier between them.
+__device__ __forceinline__ void align_single(const LowbitMoeAlignParams &p) {
+    extern __shared__ uint32_t hist2[]; // [32 warps][ceil(E / 2)] packed 16-bit counts
+    __shared__ int base_s[LOWBIT_MOE_MAX_EXPERTS];
+    __shared__ int count_s[LOWBIT_MOE_MAX_EXPERTS];
+    constexpr int WARPS = LOWBIT_MOE_ALIGN_SINGLE_THREADS / 32;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int E = p.num_experts, words = (E + 1) / 2;
+    unsigned short *hist = reinterpret_cast<unsigned short *>(hist2); // row stride 2 * words
+    for (int i = tid; i < WARPS * words; i += LOWBIT_MOE_ALIGN_SINGLE_THREADS) hist2[i] = 0;
+    const long long s = tid;
+    const int32_t id = s < p.slots ? __ldg(p.topk_ids + s) : -1;
+    const bool ok = s < p.slots && valid_expert(id, E);
+    if (s < p.slots && !ok) report_min(p.status, LOWBIT_MOE_STATUS_BAD_ID, (unsigned long long)s);
+    __syncthreads();
+    // (1) histograms.
+    if (ok) atomicAdd(hist2 + warp * words + id / 2, 1u << (16 * (id & 1)));
+    __syncthreads();
+    // (2) per expert: prefix over warps, count, padded count; scan over experts.
+    int padded = 0;
+    if (tid < E) {
+        int run = 0;
+#pragma unroll 8
+        for (int w = 0; w < WARPS; ++w) {
+            unsigned short *c = hist + (size_t)w * 2 * words + tid;
+            const int v = *c;
+            *c = (unsigned short)run;
+            run += v;
+        }
+        count_s[tid] = run;
+        padded = (run + p.block_size - 1) / p.block_size * p.block_size;
+    }
+    int total;
+    const int base = block_exclusive_scan(padded, &total); // has barriers: orders (2) before (3)
+    if (tid < E) base_s[tid] = base;
+    __syncthreads();
+    // (3) the in-order scatter.
+    const unsigned peers = __match_any_sync(0xffffffffu, ok ? id : -1);
+    if (ok) {
+        const int pos = base_s[id] + hist[(size_t)warp * 2 * words + id] + __popc(peers & ((1u << lane) - 1u));
+        p.sorted_token_ids[pos] = (int32_t)s;
+    }
+    // (4) padding, labels, the tail.
+    const int32_t sentinel = (int32_t)p.slots;
+    const int bs = p.block_size;
+    for (long long i = tid; i < p.capacity; i += LOWBIT_MOE_ALIGN_SINGLE_THREADS) {
+        bool pad = i >= total;
+        if (!pad) {
+            int lo = 0, hi = E - 1; // the last expert whose base is <= i (base_s[0] == 0)
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if (base_s[mid] <= i) lo = mid; else hi = mid - 1;
+            }
+            pad = i - base_s[lo] >= count_s[lo];
+        }
+        if (pad) p.sorted_token_ids[i] = sentinel;
+    }
+    if (tid < E) {
+        const int32_t label = p.expert_map != nullptr ? p.expert_map[tid] : (int32_t)tid;
+        for (int b = base / bs; b < (base + padded) / bs; ++b) p.expert_ids[b] = label;
+    }
+    for (long long b = total / bs + tid; b < p.capacity / bs; b += LOWBIT_MOE_ALIGN_SINGLE_THREADS) p.expert_ids[b] = -1;
+    if (tid == 0) *p.num_tokens_post_padded = total;
+}
+
 } // namespace moe
 } // namespace lowbit

@@ -36,6 +36,9 @@ extern "C" __global__ void __launch_bounds__(32 * LOWBIT_MOE_ALIGN_COUNT_WARPS) 
 extern "C" __global__ void __launch_bounds__(32 * LOWBIT_MOE_ALIGN_SCATTER_WARPS) lowbit_moe_align_scatter(const LowbitMoeAlignParams p) {
     lowbit::moe::align_scatter(p);
 }
+extern "C" __global__ void __launch_bounds__(LOWBIT_MOE_ALIGN_SINGLE_THREADS) lowbit_moe_align_single(const LowbitMoeAlignParams p) {
+    lowbit::moe::align_single(p);
+}
 
 // Fused MoE glue.
 extern "C" __global__ void __launch_bounds__(256) lowbit_moe_silu_mul_bf16(const LowbitMoeSiluMulParams p) {

@@ -3,22 +3,85 @@
 //! slots of every token fused into its epilogue (in k order, so the result is deterministic).
 //!
 //! Engines call this every layer of every step, so all intermediates live in a [`MoeWorkspace`]
-//! that is reused across calls and only reallocated when a problem needs more (or, for the
-//! alignment buffers, a different) size.
+//! that is reused across calls. [`MoeWorkspace::reserve`] sizes it for the largest call once;
+//! after that a call with at most that many tokens allocates nothing, and with
+//! [`MoeOptions::validate_ids`] off it neither copies between host and device nor synchronises:
+//! it only queues [`launches_per_call`] kernels on lowbit's stream, so it can be captured in a
+//! CUDA graph. Out-of-range expert ids then accumulate in a device-side status word that
+//! [`MoeWorkspace::check_ids`] reads when the engine asks.
 //!
 //! Expert parallelism: with an [`ExpertMap`], `topk_ids` hold global ids; slots routed to
 //! experts that are not local are skipped by both GEMMs and contribute zero to the sum.
+//!
+//! The capturable decode loop (the README's example, compiled here):
+//!
+//! ```rust,no_run
+//! use lowbit::marlin::gemm::MarlinExperts;
+//! use lowbit::moe::{fused::fused_marlin_moe_into, MoeOptions, MoeWorkspace};
+//! use lowbit::{bf16, Device, GroupSize};
+//!
+//! # fn main() -> lowbit::Result<()> {
+//! let dev = Device::first()?; // or Device::with_stream(ctx, stream): the engine's stream
+//! let (experts, hidden, inter, topk, max_tokens) = (128, 2048, 768, 8, 64); // Qwen3-30B-A3B
+//! # let g = GroupSize::Group(128);
+//! # let w13 = MarlinExperts::<bf16>::from_host(&dev, &vec![0x8888_8888u32 as i32; experts * hidden * 2 * inter / 8],
+//! #     &vec![bf16::ONE; experts * hidden / 128 * 2 * inter], experts, 2 * inter, hidden, g)?;
+//! # let w2 = MarlinExperts::<bf16>::from_host(&dev, &vec![0x8888_8888u32 as i32; experts * inter * hidden / 8],
+//! #     &vec![bf16::ONE; experts * inter / 128 * hidden], experts, hidden, inter, g)?;
+//! let opts = MoeOptions { validate_ids: false, ..MoeOptions::default() };
+//! let mut ws = MoeWorkspace::<bf16>::new(&dev)?;
+//! // Once: every buffer and kernel that calls of up to `max_tokens` tokens can need.
+//! ws.reserve(&dev, &w13, &w2, max_tokens, topk, None, &opts)?;
+//!
+//! // A call's buffers have exactly its length: one set per batch size, made up front (the engine's
+//! // own kernels fill x, the router weights and ids before each call).
+//! let mut bufs = Vec::new();
+//! for t in 1..=max_tokens {
+//!     bufs.push((dev.zeros::<bf16>(t * hidden)?, dev.zeros::<f32>(t * topk)?, dev.zeros::<i32>(t * topk)?,
+//!                dev.zeros::<bf16>(t * hidden)?));
+//! }
+//!
+//! for step in 0..1000 {
+//!     let tokens = 1 + step % max_tokens; // this step's decode batch
+//!     let (x, topk_weights, topk_ids, out) = &mut bufs[tokens - 1];
+//!     // Capturable: queues moe::fused::launches_per_call(tokens, topk) kernels (4 here) and
+//!     // nothing else — no allocation, no host<->device copy, no host synchronisation.
+//!     fused_marlin_moe_into(&dev, x, tokens, &w13, &w2, topk_weights, topk_ids, topk, None, &opts, &mut ws, out)?;
+//!     // When the engine wants to know (outside a captured region): one sync and one 16-byte read.
+//!     if step % 100 == 99 {
+//!         ws.check_ids(&dev)?; // Err(InvalidArgument): "... expert id outside [0, 128) at token t, k k"
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::hash_map::{Entry, HashMap};
 
 use cudarc::driver::CudaSlice;
 
-use super::align::{bad_id_error, launch_align, AlignBuffers, AlignScratch, ExpertMap};
+use super::align::{
+    bad_id_error, chunk_plan, launch_align, AlignBuffers, AlignKernels, AlignScratch, ExpertMap, PendingIds,
+    StatusWord, COUNT_SMEM_LIMIT, SINGLE_BLOCK_MAX_SLOTS,
+};
 use super::{align_capacity, choose_block_size, validate_align_args, FAMILY};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::marlin::gemm::{
-    marlin_moe_gemm, marlin_moe_gemm_topk_sum, Half, MarlinExperts, MarlinWorkspace, TopkSum, MOE_BLOCK_SIZES,
+    marlin_moe_gemm, marlin_moe_gemm_topk_sum, plan_moe_gemm, Half, MarlinExperts, MarlinWorkspace, TopkSum,
+    MOE_BLOCK_SIZES,
 };
+
+/// Launches of a fused call besides the alignment: GEMM1, `silu·mul`, GEMM2 (with the top-k sum
+/// in its epilogue).
+pub const LAUNCHES_AFTER_ALIGN: usize = 3;
+
+/// Kernel launches one [`fused_marlin_moe_into`] call of `tokens · topk` slots queues: the
+/// alignment's (1 up to [`SINGLE_BLOCK_MAX_SLOTS`] slots, 2 above) plus
+/// [`LAUNCHES_AFTER_ALIGN`]. Decode (≤ 1024 slots): 4.
+pub fn launches_per_call(tokens: usize, topk: usize) -> usize {
+    AlignKernels::Auto.launches(tokens.saturating_mul(topk)) + LAUNCHES_AFTER_ALIGN
+}
 
 const THREADS: u32 = 256;
 /// The vectorised glue kernels move 8 elements (16 bytes) at a time.
@@ -29,9 +92,12 @@ const VEC_ALIGN: usize = 16;
 pub struct MoeOptions {
     /// The GEMM's block of slots per expert; `None` picks [`choose_block_size`].
     pub block_size: Option<usize>,
-    /// Synchronise once after the alignment to report out-of-range expert ids as an error
-    /// (default). Without it the call never blocks the host: out-of-range ids are still never
-    /// used as an index, their slots simply contribute zero.
+    /// Synchronise once after the alignment to report this call's out-of-range expert ids as an
+    /// error before the GEMMs run (default). Without it the call never blocks the host nor copies
+    /// to or from it: out-of-range ids are still never used as an index (their slots contribute
+    /// zero), and the smallest offending slot accumulates on the device until
+    /// [`MoeWorkspace::check_ids`] reports it. A validating call reports only its own ids and
+    /// leaves that accumulated word alone.
     pub validate_ids: bool,
 }
 
@@ -43,28 +109,181 @@ impl Default for MoeOptions {
 
 /// Reusable buffers of [`fused_marlin_moe`]: alignment outputs and scratch, the GEMM1 output
 /// `[slots, 2I]`, the activation `[slots, I]`, the GEMM2 output `[slots, H]`, and the Marlin GEMM
-/// workspace. Create one per stream and pass it to every call.
+/// workspace. Create one per stream, [`reserve`](MoeWorkspace::reserve) it for the largest call,
+/// and pass it to every call.
+///
+/// The alignment outputs are kept per token-count bucket (the next power of two) and block size:
+/// the MoE GEMM plans over the routing blocks of its whole `sorted_token_ids` buffer (its tile
+/// count, persistent grid up to the device's CTA slots and stream-K workspace; the kernel works
+/// only on the used prefix, `num_tokens_post_padded`), so one buffer sized for the largest call
+/// would plan every decode step like the largest batch; a bucket keeps the plan within about
+/// twice the problem's own bound. Buffers are never reallocated once made, so their addresses
+/// stay valid for CUDA graphs captured earlier.
 #[derive(Debug)]
 pub struct MoeWorkspace<T> {
     scratch: AlignScratch,
-    align: Option<AlignBuffers>,
+    align: HashMap<(usize, usize), AlignBuffers>,
     gate_up: Option<CudaSlice<T>>,
     act: Option<CudaSlice<T>>,
     partial: Option<CudaSlice<T>>,
     marlin: MarlinWorkspace,
+    pending: PendingIds,
 }
 
+/// The `(capacity, block size)` of the alignment buffers a call of `tokens` uses: the bound of
+/// [`align_capacity`] at the next power of two of `tokens` (capped at the largest slot count any
+/// call may have, so every count of a bucket maps to the same buffer).
+fn align_key(tokens: usize, topk: usize, experts: usize, block_size: usize) -> (usize, usize) {
+    let bucket = tokens.checked_next_power_of_two().unwrap_or(usize::MAX);
+    let slots = bucket.saturating_mul(topk).min(MAX_SLOTS).max(tokens * topk);
+    (align_capacity(slots, experts, block_size), block_size)
+}
+
+/// Every `align_key` a call of 1..=`max_tokens` tokens maps to, with the largest token count that
+/// maps to it (`local` experts hold weights, `experts` is the routing's expert count; `block_size`
+/// the option). Buckets are powers of two; within one, [`choose_block_size`] is non-decreasing in
+/// the token count, so each block size covers a contiguous range of counts.
+fn reserve_keys(
+    max_tokens: usize,
+    topk: usize,
+    local: usize,
+    experts: usize,
+    block_size: Option<usize>,
+) -> Vec<((usize, usize), usize)> {
+    let bs_of = |t: usize| block_size.unwrap_or_else(|| choose_block_size(t, topk, local));
+    let mut keys = Vec::new();
+    let mut bucket = 1usize;
+    loop {
+        let (lo, hi) = (bucket / 2 + 1, bucket.min(max_tokens));
+        let mut top = hi;
+        // From the largest count down: the block size of `top`, then the largest count below the
+        // first count with that block size (binary search on the monotone choice).
+        loop {
+            let bs = bs_of(top);
+            // The same key for the whole bucket (and, after rounding, possibly for a smaller one).
+            let key = align_key(top, topk, experts, bs);
+            match keys.iter_mut().find(|k: &&mut ((usize, usize), usize)| k.0 == key) {
+                Some(k) => k.1 = k.1.max(top),
+                None => keys.push((key, top)),
+            }
+            let (mut a, mut b) = (lo, top); // smallest count in [lo, top] with block size bs
+            while a < b {
+                let mid = (a + b) / 2;
+                if bs_of(mid) == bs {
+                    b = mid;
+                } else {
+                    a = mid + 1;
+                }
+            }
+            if a == lo {
+                break;
+            }
+            top = a - 1;
+        }
+        if hi >= max_tokens {
+            return keys;
+        }
+        bucket *= 2;
+    }
+}
+
+/// The largest slot count [`validate_align_args`] accepts.
+const MAX_SLOTS: usize = i32::MAX as usize / 2;
+
 impl<T: Half> MoeWorkspace<T> {
-    /// An empty workspace; buffers are allocated on first use.
+    /// An empty workspace; buffers are allocated on first use (or by [`MoeWorkspace::reserve`]).
     pub fn new(dev: &Device) -> Result<Self> {
         Ok(MoeWorkspace {
             scratch: AlignScratch::new(dev)?,
-            align: None,
+            align: HashMap::new(),
             gate_up: None,
             act: None,
             partial: None,
             marlin: MarlinWorkspace::new(),
+            pending: PendingIds::default(),
         })
+    }
+
+    /// Makes room for every [`fused_marlin_moe_into`] call with these weights, `topk`, expert map
+    /// and options and at most `max_tokens` tokens, and loads every kernel those calls use: after
+    /// it such calls allocate nothing (and, with `validate_ids` off, make no host copy and no host
+    /// synchronisation). Validates like a call of `max_tokens` tokens. May be called again with
+    /// other shapes; buffers only grow.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reserve(
+        &mut self,
+        dev: &Device,
+        w13: &MarlinExperts<T>,
+        w2: &MarlinExperts<T>,
+        max_tokens: usize,
+        topk: usize,
+        expert_map: Option<&ExpertMap>,
+        opts: &MoeOptions,
+    ) -> Result<()> {
+        const OP: &str = "MoeWorkspace::reserve";
+        let p = validate_shapes(OP, max_tokens, w13, w2, topk, expert_map, opts)?;
+        dev.check_buffer(OP, "qweight", &w13.qweight, w13.qweight.len())?;
+        let (e, local) = (p.global_experts, w13.num_experts());
+        let keys = reserve_keys(max_tokens, topk, local, e, opts.block_size);
+        for &(key, _) in &keys {
+            if let Entry::Vacant(v) = self.align.entry(key) {
+                v.insert(AlignBuffers::new(dev, key.0, key.1)?);
+            }
+        }
+        // The two-kernel path's chunk scratch: within each round count of the chunk plan the chunk
+        // count grows with the slots, so its maximum is at a round boundary or at the largest call.
+        let max_slots = max_tokens * topk;
+        if max_slots > SINGLE_BLOCK_MAX_SLOTS {
+            let tops = (1..=ffi::LOWBIT_MOE_ALIGN_MAX_ROUNDS as usize).map(|r| 2048 * r).filter(|&s| s <= max_slots);
+            let max_chunks = tops.chain([max_slots]).map(|s| chunk_plan(s).1).max().unwrap_or(1);
+            self.scratch.ensure_chunks(dev, max_chunks, e)?;
+        }
+        at_least(dev, &mut self.gate_up, max_slots * 2 * p.inter)?;
+        at_least(dev, &mut self.act, max_slots * p.inter)?;
+        at_least(dev, &mut self.partial, max_slots * p.hidden)?;
+        // Load the kernels now, not inside the first (possibly captured) call: a module load there
+        // may be refused during capture and is a host-side stall in any case.
+        dev.function(FAMILY, "lowbit_moe_align_single", COUNT_SMEM_LIMIT)?;
+        dev.function(FAMILY, "lowbit_moe_align_count", COUNT_SMEM_LIMIT)?;
+        dev.function(FAMILY, "lowbit_moe_align_scatter", 0)?;
+        dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
+        let sm = dev.info().sm_count;
+        for &((cap, bs), _) in &keys {
+            for w in [w13, w2] {
+                let plan = plan_moe_gemm(bs, cap, w.n(), w.k(), sm)?;
+                dev.function("marlin", &plan.kernel_name(T::DTYPE, true), plan.smem_bytes())?;
+                self.marlin.reserve(dev, &plan)?;
+            }
+        }
+        // The Marlin workspace also holds state the GEMM sizes itself (the fused top-k sum's
+        // per-token counters, growing with the token count for a given plan): one call per buffer
+        // key at its largest token count grows everything to what any call can need. Inputs are
+        // zeros routed to experts 0..topk (skipped where not local); nothing is reported.
+        let pending = std::mem::take(&mut self.pending);
+        let warm = MoeOptions { validate_ids: false, ..*opts };
+        for &(_, tokens) in &keys {
+            let x = dev.zeros::<T>(tokens * p.hidden)?;
+            let weights = dev.zeros::<f32>(tokens * topk)?;
+            let ids = dev.htod(&(0..tokens * topk).map(|s| (s % topk) as i32).collect::<Vec<_>>())?;
+            let mut out = dev.zeros::<T>(tokens * p.hidden)?;
+            let r = fused_marlin_moe_into(
+                dev, &x, tokens, w13, w2, &weights, &ids, topk, expert_map, &warm, self, &mut out,
+            );
+            if r.is_err() {
+                self.pending = pending;
+                return r;
+            }
+        }
+        self.pending = pending;
+        Ok(())
+    }
+
+    /// Synchronises and reports the smallest out-of-range expert id of the non-validating calls
+    /// since the last check ([`Error::InvalidArgument`] naming token and k, as a validating call
+    /// would), then clears the device-side status word. `Ok` when every id was in range. Call it
+    /// outside any captured region, as often as the engine wants (e.g. once per step).
+    pub fn check_ids(&mut self, dev: &Device) -> Result<()> {
+        self.pending.check("MoeWorkspace::check_ids", dev, &mut self.scratch)
     }
 
     /// Device bytes currently held by the intermediates.
@@ -72,7 +291,8 @@ impl<T: Half> MoeWorkspace<T> {
         let t = std::mem::size_of::<T>();
         let len = |b: &Option<CudaSlice<T>>| b.as_ref().map_or(0, |b| b.len());
         (len(&self.gate_up) + len(&self.act) + len(&self.partial)) * t
-            + self.align.as_ref().map_or(0, |a| (a.capacity + a.capacity / a.block_size + 1) * 4)
+            + self.align.values().map(AlignBuffers::bytes).sum::<usize>()
+            + self.scratch.bytes()
             + self.marlin.device_bytes()
     }
 }
@@ -109,6 +329,24 @@ fn validate<T: Half>(
     w2: &MarlinExperts<T>,
     topk_weights: &CudaSlice<f32>,
     topk_ids: &CudaSlice<i32>,
+    topk: usize,
+    expert_map: Option<&ExpertMap>,
+    opts: &MoeOptions,
+) -> Result<Problem> {
+    let p = validate_shapes(op, tokens, w13, w2, topk, expert_map, opts)?;
+    dev.check_buffer(op, "x", x, tokens * p.hidden)?;
+    dev.check_buffer(op, "topk_weights", topk_weights, tokens * topk)?;
+    dev.check_buffer(op, "topk_ids", topk_ids, tokens * topk)?;
+    Ok(p)
+}
+
+/// The shape rules of a call of `tokens` tokens (everything but the activation and routing
+/// buffers).
+fn validate_shapes<T: Half>(
+    op: &'static str,
+    tokens: usize,
+    w13: &MarlinExperts<T>,
+    w2: &MarlinExperts<T>,
     topk: usize,
     expert_map: Option<&ExpertMap>,
     opts: &MoeOptions,
@@ -154,9 +392,6 @@ fn validate<T: Half>(
             return Err(Error::shape(op, format!("{what} = {a}·{b} is too large")));
         }
     }
-    dev.check_buffer(op, "x", x, tokens * hidden)?;
-    dev.check_buffer(op, "topk_weights", topk_weights, tokens * topk)?;
-    dev.check_buffer(op, "topk_ids", topk_ids, tokens * topk)?;
     Ok(Problem { tokens, topk, hidden, inter, global_experts, block_size })
 }
 
@@ -193,6 +428,11 @@ pub fn fused_marlin_moe<T: Half>(
 /// `w13.k == w2.n == H`), buffer lengths and devices, and `topk ≤ E` before any launch; with
 /// [`MoeOptions::validate_ids`] out-of-range ids are reported after the alignment, before the
 /// GEMMs run.
+///
+/// Queues [`launches_per_call`] kernels. After [`MoeWorkspace::reserve`] for at least `tokens`
+/// tokens (same weights, `topk`, map and options) it allocates nothing; with `validate_ids` off
+/// it also makes no host↔device copy and no host synchronisation, so it can be captured in a
+/// CUDA graph (ids are then checked by [`MoeWorkspace::check_ids`]).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_marlin_moe_into<T: Half>(
     dev: &Device,
@@ -214,29 +454,30 @@ pub fn fused_marlin_moe_into<T: Half>(
     let slots = p.tokens * p.topk;
     let silu = dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
 
-    // 1. Alignment (buffers sized exactly for this problem, reused when the size repeats).
-    let capacity = align_capacity(slots, p.global_experts, p.block_size);
-    if ws.align.as_ref().is_none_or(|a| a.capacity != capacity || a.block_size != p.block_size) {
-        ws.align = None;
-        ws.align = Some(AlignBuffers::new(dev, capacity, p.block_size)?);
-    }
-    at_least(dev, &mut ws.gate_up, slots * 2 * p.inter)?;
-    at_least(dev, &mut ws.act, slots * p.inter)?;
-    at_least(dev, &mut ws.partial, slots * p.hidden)?;
-    let MoeWorkspace { scratch, align, gate_up, act, partial, marlin } = ws;
-    let (Some(align), Some(gate_up), Some(act), Some(partial)) =
-        (align.as_mut(), gate_up.as_mut(), act.as_mut(), partial.as_mut())
-    else {
+    // 1. Alignment (buffers per token bucket and block size, reused; see MoeWorkspace).
+    let key = align_key(p.tokens, p.topk, p.global_experts, p.block_size);
+    let MoeWorkspace { scratch, align, gate_up, act, partial, marlin, pending } = ws;
+    let align = match align.entry(key) {
+        Entry::Occupied(o) => o.into_mut(),
+        Entry::Vacant(v) => v.insert(AlignBuffers::new(dev, key.0, key.1)?),
+    };
+    at_least(dev, gate_up, slots * 2 * p.inter)?;
+    at_least(dev, act, slots * p.inter)?;
+    at_least(dev, partial, slots * p.hidden)?;
+    let (Some(gate_up), Some(act), Some(partial)) = (gate_up.as_mut(), act.as_mut(), partial.as_mut()) else {
         return Err(Error::invalid(OP, "workspace buffers missing"));
     };
+    let status = if opts.validate_ids { StatusWord::Call } else { StatusWord::Pending };
     if opts.validate_ids {
-        scratch.reset_status(dev)?;
+        scratch.reset(dev, StatusWord::Call)?;
     }
-    launch_align(dev, OP, topk_ids, slots, p.global_experts, expert_map, align, scratch)?;
+    launch_align(dev, OP, topk_ids, slots, p.global_experts, expert_map, align, scratch, status, AlignKernels::Auto)?;
     if opts.validate_ids {
-        if let Some(bad) = scratch.take_bad_slot(dev)? {
+        if let Some(bad) = scratch.take_bad_slot(dev, StatusWord::Call)? {
             return Err(bad_id_error(OP, bad, p.topk, p.global_experts));
         }
+    } else {
+        pending.record(p.topk, p.global_experts);
     }
     let blocks = align.blocks();
 
@@ -278,4 +519,43 @@ pub fn fused_marlin_moe_into<T: Half>(
     };
     marlin_moe_gemm_topk_sum(dev, &*act, slots, w2, &blocks, Some(topk_weights), partial, slots, marlin, &mut sum)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_keys_cover_every_call() {
+        for (topk, local, experts) in [(1usize, 8usize, 8usize), (2, 8, 8), (8, 128, 128), (8, 96, 384), (6, 64, 64)] {
+            for block in [None, Some(16), Some(48)] {
+                for max_tokens in [1usize, 2, 3, 64, 100, 1000, 5000] {
+                    let keys = reserve_keys(max_tokens, topk, local, experts, block);
+                    assert!(keys.len() <= 5 * (max_tokens.ilog2() as usize + 1), "a few buffers per bucket");
+                    let mut largest = std::collections::HashMap::new();
+                    for tokens in 1..=max_tokens {
+                        let bs = block.unwrap_or_else(|| choose_block_size(tokens, topk, local));
+                        let key = align_key(tokens, topk, experts, bs);
+                        largest.insert(key, tokens);
+                        assert!(
+                            keys.iter().any(|k| k.0 == key),
+                            "tokens {tokens} of max {max_tokens}, topk {topk}, {block:?}"
+                        );
+                        // Within about twice the problem's own bound, and a multiple of the block.
+                        let exact = align_capacity(tokens * topk, experts, bs);
+                        assert!(key.0 >= exact && key.0 <= 2 * exact + bs && key.0 % bs == 0, "{key:?} vs {exact}");
+                    }
+                    // Each key once, with the largest count that uses it (reserve's warm-up call).
+                    assert_eq!(keys.len(), largest.len());
+                    for (key, top) in &keys {
+                        assert_eq!(largest.get(key), Some(top), "{key:?}");
+                    }
+                }
+            }
+        }
+        // Near the slot limit the bucket is capped, not dropped.
+        let t = MAX_SLOTS / 3;
+        assert_eq!(align_key(t, 3, 64, 64), align_key(t - 1, 3, 64, 64));
+        assert!(align_key(t, 3, 64, 64).0 <= i32::MAX as usize);
+    }
 }

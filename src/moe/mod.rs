@@ -15,7 +15,10 @@ pub mod align;
 pub mod fused;
 pub mod routing;
 
-pub use align::{choose_block_size, moe_align_block_size, AlignWorkspace, ExpertMap, MoeAlignment};
+pub use align::{
+    choose_block_size, moe_align_block_size, moe_align_block_size_with, AlignKernels, AlignWorkspace, ExpertMap,
+    MoeAlignment, SINGLE_BLOCK_MAX_SLOTS,
+};
 pub use fused::{fused_marlin_moe, MoeOptions, MoeWorkspace};
 pub use routing::{grouped_topk, softmax_topk, DeviceTopK};
 
@@ -192,6 +195,7 @@ mod tests {
         for k in [
             "lowbit_moe_align_count",
             "lowbit_moe_align_scatter",
+            "lowbit_moe_align_single",
             "lowbit_moe_softmax_topk_bf16",
             "lowbit_moe_sum_bf16",
         ] {
