@@ -82,17 +82,4 @@ typedef struct LowbitMoeSiluMulParams {
     int32_t num_experts;       /* global expert count: valid ids are [0, num_experts) */
 } LowbitMoeSiluMulParams;
 
-/* out[t, h] = T(sum over k = 0..topk-1 in order of partial[t * topk + k, h]), skipping slots whose
- * expert is invalid or not local (they contribute zero). */
-typedef struct LowbitMoeSumParams {
-    const void *partial;       /* [tokens * topk, hidden] */
-    void *out;                 /* [tokens, hidden] */
-    const int32_t *topk_ids;   /* [tokens * topk] */
-    const int32_t *expert_map; /* [num_experts] or null */
-    int64_t tokens;
-    int64_t hidden;            /* multiple of 8 */
-    int32_t topk;
-    int32_t num_experts;
-} LowbitMoeSumParams;
-
 #endif

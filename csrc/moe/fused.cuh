@@ -1,9 +1,8 @@
-// The glue of the fused Marlin MoE around the two expert GEMMs: the gated activation
-// silu(gate) * up, and the deterministic sum over the top-k slots of every token.
+// The glue of the fused Marlin MoE between the two expert GEMMs: the gated activation
+// silu(gate) * up. (The deterministic top-k sum runs in GEMM2's epilogue, csrc/marlin/gemm.cuh.)
 //
 // Slots whose expert id is out of range or not local under the expert map are never produced by
-// the GEMMs (alignment skips them), so both kernels skip them too: the activation leaves their
-// rows unwritten, and the sum treats them as zero without reading them.
+// GEMM1 (alignment skips them), so the activation skips them too and leaves their rows unwritten.
 #pragma once
 
 #include "lowbit.h"
@@ -37,28 +36,6 @@ __device__ __forceinline__ void silu_mul(const LowbitMoeSiluMulParams &p) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) o[j] = silu_f32(g[j]) * u[j];
         store8<T>(act + s * p.inter + i, o);
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ void topk_sum(const LowbitMoeSumParams &p) {
-    const long long vec_per_row = p.hidden / 8;
-    const long long work = p.tokens * vec_per_row;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const T *part = reinterpret_cast<const T *>(p.partial);
-    T *out = reinterpret_cast<T *>(p.out);
-    for (long long w = (long long)blockIdx.x * blockDim.x + threadIdx.x; w < work; w += stride) {
-        const long long t = w / vec_per_row, h = (w % vec_per_row) * 8;
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int k = 0; k < p.topk; ++k) {
-            const long long s = t * p.topk + k;
-            if (!slot_is_local(p.topk_ids, p.expert_map, p.num_experts, s)) continue;
-            float v[8];
-            load8<T>(part + s * p.hidden + h, v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] += v[j];
-        }
-        store8<T>(out + t * p.hidden + h, acc);
     }
 }
 

@@ -47,9 +47,3 @@ extern "C" __global__ void __launch_bounds__(256) lowbit_moe_silu_mul_bf16(const
 extern "C" __global__ void __launch_bounds__(256) lowbit_moe_silu_mul_f16(const LowbitMoeSiluMulParams p) {
     lowbit::moe::silu_mul<__half>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) lowbit_moe_sum_bf16(const LowbitMoeSumParams p) {
-    lowbit::moe::topk_sum<__nv_bfloat16>(p);
-}
-extern "C" __global__ void __launch_bounds__(256) lowbit_moe_sum_f16(const LowbitMoeSumParams p) {
-    lowbit::moe::topk_sum<__half>(p);
-}

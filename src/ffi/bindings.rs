@@ -513,39 +513,3 @@ impl Default for LowbitMoeSiluMulParams {
         }
     }
 }
-#[repr(C)]
-#[derive(Debug, Copy, Clone)]
-pub struct LowbitMoeSumParams {
-    pub partial: *const ::core::ffi::c_void,
-    pub out: *mut ::core::ffi::c_void,
-    pub topk_ids: *const i32,
-    pub expert_map: *const i32,
-    pub tokens: i64,
-    pub hidden: i64,
-    pub topk: i32,
-    pub num_experts: i32,
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of LowbitMoeSumParams"][::core::mem::size_of::<LowbitMoeSumParams>() - 56usize];
-    ["Alignment of LowbitMoeSumParams"][::core::mem::align_of::<LowbitMoeSumParams>() - 8usize];
-    ["Offset of field: LowbitMoeSumParams::partial"][::core::mem::offset_of!(LowbitMoeSumParams, partial) - 0usize];
-    ["Offset of field: LowbitMoeSumParams::out"][::core::mem::offset_of!(LowbitMoeSumParams, out) - 8usize];
-    ["Offset of field: LowbitMoeSumParams::topk_ids"][::core::mem::offset_of!(LowbitMoeSumParams, topk_ids) - 16usize];
-    ["Offset of field: LowbitMoeSumParams::expert_map"]
-        [::core::mem::offset_of!(LowbitMoeSumParams, expert_map) - 24usize];
-    ["Offset of field: LowbitMoeSumParams::tokens"][::core::mem::offset_of!(LowbitMoeSumParams, tokens) - 32usize];
-    ["Offset of field: LowbitMoeSumParams::hidden"][::core::mem::offset_of!(LowbitMoeSumParams, hidden) - 40usize];
-    ["Offset of field: LowbitMoeSumParams::topk"][::core::mem::offset_of!(LowbitMoeSumParams, topk) - 48usize];
-    ["Offset of field: LowbitMoeSumParams::num_experts"]
-        [::core::mem::offset_of!(LowbitMoeSumParams, num_experts) - 52usize];
-};
-impl Default for LowbitMoeSumParams {
-    fn default() -> Self {
-        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}

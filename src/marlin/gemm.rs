@@ -380,6 +380,20 @@ impl MarlinWorkspace {
         Ok(())
     }
 
+    /// Makes room for the fused top-k sum (`TopkSum`) of `tokens` tokens under `plan`.
+    pub(crate) fn reserve_topk_sum(&mut self, dev: &Device, plan: &GemmPlan, tokens: usize) -> Result<()> {
+        let need = tokens * plan.n_blocks;
+        if let Some(c) = &self.sum_counters {
+            dev.check_buffer("MarlinWorkspace::reserve", "workspace", c, c.len())?;
+        }
+        if self.sum_counters.as_ref().is_none_or(|c| c.len() < need) {
+            self.sum_counters = None;
+            // The kernel relies on zero counters between launches (and leaves them zero).
+            self.sum_counters = Some(dev.zeros::<i32>(need)?);
+        }
+        Ok(())
+    }
+
     /// Makes room for `plan` on `dev`.
     pub fn reserve(&mut self, dev: &Device, plan: &GemmPlan) -> Result<()> {
         const OP: &str = "MarlinWorkspace::reserve";
@@ -480,6 +494,9 @@ fn launch_gemm<T: Half>(
     let smem = plan.smem_bytes();
     let func = dev.function(FAMILY, &name, smem)?;
     ws.reserve(dev, plan)?;
+    if let Some(sm) = &sum {
+        ws.reserve_topk_sum(dev, plan, sm.tokens)?;
+    }
     let (a, _ga) = dev.ptr(op, "x", l.a, 16)?;
     let (b, _gb) = dev.ptr(op, "qweight", l.qweight, 16)?;
     let (s, _gs) = dev.ptr(op, "scales", l.scales, 16)?;
@@ -548,12 +565,6 @@ fn launch_gemm<T: Half>(
     // Guards of the fused top-k sum's buffers, alive until after the launch.
     let mut sum_guards = Vec::new();
     if let Some(sm) = sum {
-        let need = sm.tokens * plan.n_blocks;
-        if ws.sum_counters.as_ref().is_none_or(|c| c.len() < need) {
-            ws.sum_counters = None;
-            // The kernel relies on zero counters between launches (and leaves them zero).
-            ws.sum_counters = Some(dev.zeros::<i32>(need)?);
-        }
         let Some(counters) = ws.sum_counters.as_mut() else {
             return Err(Error::invalid(op, "the workspace could not be reserved"));
         };

@@ -248,33 +248,16 @@ impl<T: Half> MoeWorkspace<T> {
         dev.function(FAMILY, "lowbit_moe_align_scatter", 0)?;
         dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
         let sm = dev.info().sm_count;
-        for &((cap, bs), _) in &keys {
+        for &((cap, bs), tokens) in &keys {
             for w in [w13, w2] {
                 let plan = plan_moe_gemm(bs, cap, w.n(), w.k(), sm)?;
                 dev.function("marlin", &plan.kernel_name(T::DTYPE, true), plan.smem_bytes())?;
                 self.marlin.reserve(dev, &plan)?;
             }
+            // GEMM2's fused top-k sum: per (token, column block) counters.
+            let plan = plan_moe_gemm(bs, cap, w2.n(), w2.k(), sm)?;
+            self.marlin.reserve_topk_sum(dev, &plan, tokens)?;
         }
-        // The Marlin workspace also holds state the GEMM sizes itself (the fused top-k sum's
-        // per-token counters, growing with the token count for a given plan): one call per buffer
-        // key at its largest token count grows everything to what any call can need. Inputs are
-        // zeros routed to experts 0..topk (skipped where not local); nothing is reported.
-        let pending = std::mem::take(&mut self.pending);
-        let warm = MoeOptions { validate_ids: false, ..*opts };
-        for &(_, tokens) in &keys {
-            let x = dev.zeros::<T>(tokens * p.hidden)?;
-            let weights = dev.zeros::<f32>(tokens * topk)?;
-            let ids = dev.htod(&(0..tokens * topk).map(|s| (s % topk) as i32).collect::<Vec<_>>())?;
-            let mut out = dev.zeros::<T>(tokens * p.hidden)?;
-            let r = fused_marlin_moe_into(
-                dev, &x, tokens, w13, w2, &weights, &ids, topk, expert_map, &warm, self, &mut out,
-            );
-            if r.is_err() {
-                self.pending = pending;
-                return r;
-            }
-        }
-        self.pending = pending;
         Ok(())
     }
 

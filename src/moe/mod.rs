@@ -39,8 +39,6 @@ unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMoeTopkParams {}
 unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMoeAlignParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMoeSiluMulParams {}
-// SAFETY: as above.
-unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMoeSumParams {}
 
 /// DeepSeek-V3 / Kimi-K2 routing parameters (`noaux_tc`): sigmoid scores, a selection-only
 /// correction bias, `n_group` groups of consecutive experts of which the `topk_group` best (by the
@@ -197,7 +195,7 @@ mod tests {
             "lowbit_moe_align_scatter",
             "lowbit_moe_align_single",
             "lowbit_moe_softmax_topk_bf16",
-            "lowbit_moe_sum_bf16",
+            "lowbit_moe_silu_mul_bf16",
         ] {
             assert!(crate::device::kernel_declared(FAMILY, k), "{k}");
         }
