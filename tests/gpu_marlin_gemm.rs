@@ -761,3 +761,49 @@ fn exact_cases_cover_every_plan_variant() {
         }
     }
 }
+
+/// The capturable dense path: after `MarlinWorkspace::reserve_for(weights, max_m)`, calls with
+/// m ≤ max_m (stream-K plans with and without cut tiles, act-order with its gather) allocate
+/// nothing, copy nothing from or to the host and synchronise nothing, launch one kernel (two with
+/// act-order), and give the bits of a fresh workspace.
+#[test]
+fn reserved_workspace_allocates_copies_and_syncs_nothing() {
+    let dev = gpu_or_skip!();
+    let max_m = 70;
+    let ms = [1usize, 16, 70, 5, 33, 64, 2];
+    for act_order in [false, true] {
+        let (n, k) = (512, 256);
+        let prob = Problem::<bf16>::random(n, k, GroupSize::Group(128), act_order, 91);
+        let w = prob.weights(&dev);
+        let xs: Vec<_> = ms.iter().map(|&m| dev.htod(&random_x::<bf16>(m, k, k, 92 + m as u64)).unwrap()).collect();
+        let mut outs: Vec<CudaSlice<bf16>> = ms.iter().map(|&m| dev.zeros(m * n).unwrap()).collect();
+        let mut ws = MarlinWorkspace::new();
+        ws.reserve_for(&dev, &w, max_m).unwrap();
+        assert!(ws.reserve_for(&dev, &w, 0).is_err());
+        // Load the kernels first (a module load is host work, not a stream operation).
+        let mut warm = dev.zeros::<bf16>(n).unwrap();
+        marlin_gemm_into(&dev, &xs[0], 1, k, &w, &mut warm, &mut MarlinWorkspace::new()).unwrap();
+        dev.synchronize().unwrap();
+        let before = (dev.alloc_count(), dev.host_copy_count(), dev.sync_count());
+        for (j, &m) in ms.iter().enumerate() {
+            let l0 = dev.launch_count();
+            marlin_gemm_into(&dev, &xs[j], m, k, &w, &mut outs[j], &mut ws).unwrap();
+            assert_eq!(dev.launch_count() - l0, 1 + act_order as u64, "M={m} act_order={act_order}: launches");
+        }
+        let after = (dev.alloc_count(), dev.host_copy_count(), dev.sync_count());
+        assert_eq!(after, before, "act_order={act_order}: (allocations, host copies, host syncs) over the calls");
+        let plans: Vec<GemmPlan> = ms.iter().map(|&m| plan_gemm(m, n, k, dev.info().sm_count).unwrap()).collect();
+        if dev.info().sm_count >= 132 {
+            assert!(plans.iter().any(|p| p.cuts_tiles()) && plans.iter().any(|p| !p.cuts_tiles()), "{plans:?}");
+        }
+        for (j, &m) in ms.iter().enumerate() {
+            let want = marlin_gemm(&dev, &xs[j], m, k, &w, &mut MarlinWorkspace::new()).unwrap();
+            let got: Vec<bf16> = dev.dtoh(&outs[j]).unwrap();
+            common::assert_bits_eq(
+                &format!("M={m} act_order={act_order}: reserved vs fresh"),
+                &got,
+                &dev.dtoh(&want).unwrap(),
+            );
+        }
+    }
+}

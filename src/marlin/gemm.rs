@@ -362,6 +362,20 @@ impl MarlinWorkspace {
     /// Makes room for every [`marlin_gemm_into`] call on `weights` with at most `max_m` rows:
     /// afterwards such calls allocate nothing, synchronise nothing and copy nothing from the host,
     /// so they can be captured in a CUDA graph.
+    ///
+    /// ```no_run
+    /// # use lowbit::marlin::gemm::{marlin_gemm_into, MarlinWorkspace};
+    /// # use lowbit::marlin::layout::MarlinWeights;
+    /// # use lowbit::{bf16, Device};
+    /// # use cudarc::driver::CudaSlice;
+    /// # fn step(dev: &Device, w: &MarlinWeights<bf16>, x: &CudaSlice<bf16>, y: &mut CudaSlice<bf16>) -> lowbit::Result<()> {
+    /// let mut ws = MarlinWorkspace::new();
+    /// ws.reserve_for(dev, w, 64)?; // once, for decode batches of up to 64 rows
+    /// let m = 16; // this step's rows: x holds m·K, y m·N elements
+    /// let k = w.shape().k;
+    /// marlin_gemm_into(dev, x, m, k, w, y, &mut ws)?; // capturable
+    /// # Ok(()) }
+    /// ```
     pub fn reserve_for<T: Half>(&mut self, dev: &Device, weights: &MarlinWeights<T>, max_m: usize) -> Result<()> {
         const OP: &str = "MarlinWorkspace::reserve_for";
         let geom = weight_geom(OP, weights.shape())?;
