@@ -41,5 +41,78 @@ __device__ __forceinline__ uint32_t quant_word(const float v[8], float s) {
     return word;
 }
 
+// ---- The same codes without a division (issue 9) -----------------------------------------------
+//
+// quant_code above costs one IEEE division per weight. The fast path below computes the very same
+// q from r = RN(1/s), taken once per scale, with three f32 operations and one rounding add per
+// weight, and is bit-identical to rint(w / s) for every input it is used on. The CPU mirror in
+// tests/cpu_quant_exact.rs performs the same operations in the same order (it is the test's copy
+// of this code; keep the two in step) and compares it with the division, exhaustively for 16-bit
+// weights and scales.
+//
+// Claim. Let s > 0 be a widened bf16/f16 scale, so s = m * 2^e with an integer m < 2^11, and w a
+// finite f32. With r = RN(1/s), t = RN(w r), e = fma(t, -s, w), y = fma(e, r, t):
+//   y == RN(w / s) (the IEEE quotient) whenever 1/4 <= |w / s| and nothing overflows, and
+//   |y| < 1/2 whenever |w / s| < 1/4 (so both round to 0).
+// Proof (u = 2^-24, x = w / s exactly, ulp(v) = 2^(E-23) for 2^E <= |v| < 2^(E+1)):
+//  1. r = (1/s)(1 + d1), t = w r (1 + d2), |d1|, |d2| < u, so |t - x| < 2.0001 u |x|.
+//  2. e is exact: w is a multiple of ulp(w), t*s of ulp(t) 2^e; |w - t s| = s |x - t| is below
+//     2.0001 u |w| < 4 ulp(w) and below 2.0001 m |x| 2^-1 ulp(t) 2^e / 2^E_t < 2^13 ulp(t) 2^e, so
+//     it is a small integer multiple of the finer of the two grids (and not subnormal: |w| >= s/4
+//     >= 2^-19 here): the fma's single rounding is exact.
+//  3. The fma for y rounds z = t + e r = t + (x - t)(1 + d1) = x + (x - t) d1 once, and
+//     |z - x| < 2.0001 u^2 |x| < 2^-47 |x|.
+//  4. RN(z) == RN(x) unless a rounding boundary (a midpoint between two floats) lies between x and
+//     z. A midpoint is M 2^k with M an odd 25-bit integer; w = M 2^k s would need M * m, whose odd
+//     part has at least 25 bits, in w's 24-bit significand, so x is never a midpoint; and w and
+//     M 2^k s lie on a common grid no finer than min(ulp(w), 2^(k+e)), so |x - midpoint| is at
+//     least min(ulp(w) / s, 2^k / m) > min(2^-24 |x|, 2^-36 |x|) >> 2^-47 |x| >= |z - x|.
+//  5. |x| < 1/4: t, e r and y stay within a few ulps (or, below 2^-126, a few 2^-149) of x, so
+//     |y| < 1/2.
+// Ties need no care: y is the IEEE quotient itself, and the final rounding below is
+// round-half-even as rintf is.
+//
+// Rounding to an integer: for |y| < 2^22, RN(y + 1.5 * 2^23) lies in [2^23, 2^24) where the floats
+// are the integers, so it is 1.5 * 2^23 + rint(y) (ties to even: 1.5 * 2^23 is even), and its bits
+// are 0x4B400000 + rint(y). Adding 8 more (kRound8) puts u = q + 8 in the low nibble for
+// q in [-8, 7].
+//
+// Precondition of the fast path (what makes the clamp unnecessary): |w| <= amax for the amax the
+// scale was made from, s = S(max(amax / 7, 1e-5)) finite. Then |w / s| <= 7 / ((1 - 2^-24)(1 - 2^-9))
+// < 7.02 (bf16 rounds s32 by at most 2^-9 relative; f16 by 2^-11, or by 2^-25 absolute below
+// 2^-14, which is < 0.3% of s32 >= 1e-5), so q = rint(y) is in [-7, 7] and no clamp is needed.
+// Non-finite weights or a non-finite scale take quant_code (the division) instead, so their codes
+// are what they always were.
+constexpr float kRound8 = 12582920.0f; // 1.5 * 2^23 + 8, bits 0x4B400008
+constexpr float kMaxFinite = 3.40282347e38f; // FLT_MAX: x <= kMaxFinite is false for NaN and +-Inf
+
+// r = RN(1/s), once per scale.
+__device__ __forceinline__ float recip(float s) { return __frcp_rn(s); }
+
+// y = RN(w / s) from r = RN(1/s) and ns = -s (see above).
+__device__ __forceinline__ float quotient(float w, float ns, float r) {
+    const float t = __fmul_rn(w, r);
+    const float e = __fmaf_rn(t, ns, w);
+    return __fmaf_rn(e, r, t);
+}
+
+// The bits of RN(y + kRound8): low nibble u = rint(y) + 8, for |y| < 7.5.
+__device__ __forceinline__ float round8(float y) { return __fadd_rn(y, kRound8); }
+
+// Inserts the low nibble of a's bits (a = round8(y)) at nibble POS of word.
+template <int POS>
+__device__ __forceinline__ uint32_t put_nibble(uint32_t word, float a) {
+    uint32_t d;
+    asm("bfi.b32 %0, %1, %2, %3, 4;" : "=r"(d) : "f"(a), "r"(word), "n"(4 * POS));
+    return d;
+}
+
+// Max of x and |v| that propagates NaN (max.NaN): a NaN or an Inf anywhere shows in the result.
+__device__ __forceinline__ float max_abs_nan(float x, float v) {
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(x), "f"(fabsf(v)));
+    return d;
+}
+
 } // namespace qgrid
 } // namespace lowbit

@@ -245,103 +245,185 @@ __device__ __forceinline__ void permute_scales(const LowbitMarlinLayoutScalesPar
     }
 }
 
-// Eight weights as loaded (16 bytes of a 16-bit type, 32 bytes of f32), widened only when used.
-template <typename T> struct Raw8 { uint4 a; };
-template <> struct Raw8<float> { uint4 a, b; };
-
-template <typename T>
-__device__ __forceinline__ void load_raw(const T *p, Raw8<T> &r) {
-    r.a = __ldg(reinterpret_cast<const uint4 *>(p));
-}
-template <>
-__device__ __forceinline__ void load_raw<float>(const float *p, Raw8<float> &r) {
-    r.a = __ldg(reinterpret_cast<const uint4 *>(p));
-    r.b = __ldg(reinterpret_cast<const uint4 *>(p) + 1);
-}
-template <typename T>
-__device__ __forceinline__ void unpack_raw(const Raw8<T> &r, float v[8]) {
-    const T *e = reinterpret_cast<const T *>(&r.a);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = Num<T>::to_f32(e[i]);
-}
-template <>
-__device__ __forceinline__ void unpack_raw<float>(const Raw8<float> &r, float v[8]) {
-    v[0] = __uint_as_float(r.a.x); v[1] = __uint_as_float(r.a.y);
-    v[2] = __uint_as_float(r.a.z); v[3] = __uint_as_float(r.a.w);
-    v[4] = __uint_as_float(r.b.x); v[5] = __uint_as_float(r.b.y);
-    v[6] = __uint_as_float(r.b.z); v[7] = __uint_as_float(r.b.w);
-}
-
 // ---------------------------------------------------------------------------------------------
-// One-pass weight sync. 256 threads; each thread owns four 8-element chunks of the 64 x 128
-// strip: chunk q = tid + 256 m covers row q / 16, K-columns 8 (q % 16) .. + 8. A half-warp reads
-// 128 contiguous K-columns of one row; the g/8 lanes of a group reduce amax with shuffles.
+// One-pass weight sync, built in registers (issue 9). A unit is one 64-column Marlin tile `nt`
+// times a strip of up to 128 K-rows (8 Marlin row tiles) of one matrix. The 256 threads are 8 row
+// tiles x 32 column pairs: lane bits 0..2 are the row tile kb (K-rows k0 + 16 kb .. + 16), and
+// warp w with lane bits 3..4 (call them j) own the two N-rows c = 16 j + w and c + 8 of the tile.
+// Those 2 x 16 weights are exactly the codes of Marlin words 4 i + j, i = 4 w + m (m = 0..3), of
+// row tile kb: DESIGN §3 with c = 16 j + i / 4 and r = 2 (i % 4) = 2 m, the code of K-row kk
+// (0..15) of row c (B = 0) or c + 8 (B = 1) is nibble 4 (kk & 1) + (kk >> 3) + 2 B of word
+// m = (kk & 7) / 2. So each thread quantizes straight into its four words: no shared memory, no
+// second pass. A half-warp's 8 row tiles of one N-row are 256 contiguous bytes of bf16 (the
+// group of g weights is g / 16 consecutive lanes, which reduce amax with shuffles), and the four
+// words of the 4 lanes with one kb are 16 contiguous bytes of the output.
+template <typename T> struct Row16 { uint4 q[sizeof(T)]; }; // 16 weights: 32 bytes (64 for f32)
+
+template <typename T>
+__device__ __forceinline__ void load_row16(const T *p, Row16<T> &r) {
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(T); ++i) r.q[i] = __ldg(reinterpret_cast<const uint4 *>(p) + i);
+}
+
+// Element kk (0..15) of a loaded row, widened to f32 (exact).
+template <typename T> __device__ __forceinline__ float row_elem(const Row16<T> &r, int kk);
+template <> __device__ __forceinline__ float row_elem<float>(const Row16<float> &r, int kk) {
+    const uint4 &x = r.q[kk >> 2];
+    const uint32_t b = (kk & 3) == 0 ? x.x : (kk & 3) == 1 ? x.y : (kk & 3) == 2 ? x.z : x.w;
+    return __uint_as_float(b);
+}
+__device__ __forceinline__ uint32_t row_word(const uint4 &x, int i) {
+    return i == 0 ? x.x : i == 1 ? x.y : i == 2 ? x.z : x.w;
+}
+template <> __device__ __forceinline__ float row_elem<__nv_bfloat16>(const Row16<__nv_bfloat16> &r, int kk) {
+    const uint32_t b = row_word(r.q[kk >> 3], (kk >> 1) & 3);
+    float f;
+    // bf16 -> f32 is a 16-bit shift (low half) or a mask (high half), written so that no extra
+    // register move appears.
+    if (kk & 1) {
+        asm("and.b32 %0, %1, 0xFFFF0000;" : "=f"(f) : "r"(b));
+    } else {
+        asm("shl.b32 %0, %1, 16;" : "=f"(f) : "r"(b));
+    }
+    return f;
+}
+template <> __device__ __forceinline__ float row_elem<__half>(const Row16<__half> &r, int kk) {
+    const uint32_t b = row_word(r.q[kk >> 3], (kk >> 1) & 3);
+    const unsigned short h = (kk & 1) ? (unsigned short)(b >> 16) : (unsigned short)(b & 0xFFFF);
+    return __half2float(__ushort_as_half(h));
+}
+
+// Quantizes one N-row's 16 weights into the thread's four Marlin words (B: row c + 8).
+// FAST: the division-free rounding of lowbit_int4.cuh (its precondition holds: see the caller).
+template <int B, bool FAST>
+__device__ __forceinline__ void quant_row16(const float v[16], float sf, float r, float ns, uint32_t words[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+        const int m = (kk & 7) >> 1;
+        if (FAST) {
+            const float a = qgrid::round8(qgrid::quotient(v[kk], ns, r));
+            switch (4 * (kk & 1) + (kk >> 3) + 2 * B) {
+            case 0: words[m] = qgrid::put_nibble<0>(words[m], a); break;
+            case 1: words[m] = qgrid::put_nibble<1>(words[m], a); break;
+            case 2: words[m] = qgrid::put_nibble<2>(words[m], a); break;
+            case 3: words[m] = qgrid::put_nibble<3>(words[m], a); break;
+            case 4: words[m] = qgrid::put_nibble<4>(words[m], a); break;
+            case 5: words[m] = qgrid::put_nibble<5>(words[m], a); break;
+            case 6: words[m] = qgrid::put_nibble<6>(words[m], a); break;
+            default: words[m] = qgrid::put_nibble<7>(words[m], a); break;
+            }
+        } else {
+            bool clipped;
+            const uint32_t u = (uint32_t)(qgrid::quant_code(v[kk], sf, &clipped) + LOWBIT_QZERO);
+            const int nib = 4 * (kk & 1) + (kk >> 3) + 2 * B;
+            words[m] = (words[m] & ~(0xFu << (4 * nib))) | (u << (4 * nib));
+        }
+    }
+}
+
+// Reports the first non-finite weight of a row of 16 (flat index e0 + kk).
+__device__ __forceinline__ void report_nonfinite16(unsigned long long *status, const float v[16], long long e0) {
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+        if (!isfinite(v[kk])) {
+            report(status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(e0 + kk));
+            break;
+        }
+    }
+}
+
 template <typename T, typename S, bool INLINE_SCALES>
 __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
-    __shared__ uint32_t sm[kStripWords][kTileN];
     const long long k = p.k, n = p.n, g = p.group, groups = k / g;
     const bool cw = p.channelwise != 0;
-    const int width = INLINE_SCALES ? (int)(g / 8) : 1;
+    const int width = INLINE_SCALES ? (int)(g / 16) : 1; // lanes per group (g = 32, 64, 128)
     const T *w = reinterpret_cast<const T *>(p.w);
     S *scales = reinterpret_cast<S *>(p.scales);
+    const int lane = threadIdx.x & 31, kb = lane & 7;
+    const int c = 16 * (lane >> 3) + (threadIdx.x >> 5); // N-row of the tile; the other is c + 8
     const long long units = unit_count(p.batch, k, n);
     for (long long u = blockIdx.x; u < units; u += gridDim.x) {
         const Unit x = unit_of(u, k, n);
-        // Issue all four 16-byte (32 for f32) loads first; keep them packed until used so
-        // the registers stay low and more bytes are in flight per SM.
-        Raw8<T> raw[4];
-        bool active[4];
+        const bool active = 16 * kb < x.rows;
+        const long long row_a = x.b * n + x.nt * kTileN + c; // batch-flattened weight rows
+        const long long col = x.k0 + 16 * kb;
+        Row16<T> raw[2];
+        if (active) {
+            load_row16<T>(w + row_a * k + col, raw[0]);
+            load_row16<T>(w + (row_a + 8) * k + col, raw[1]);
+        } else {
+            raw[0] = Row16<T>{};
+            raw[1] = Row16<T>{};
+        }
+        float va[16], vb[16];
 #pragma unroll
-        for (int m = 0; m < 4; ++m) {
-            const int q = threadIdx.x + kLayoutThreads * m;
-            const int row = q >> 4, ch = q & 15;
-            active[m] = 8 * ch < x.rows;
-            if (active[m]) {
-                load_raw<T>(w + (x.b * n + x.nt * kTileN + row) * k + x.k0 + 8 * ch, raw[m]);
-            } else {
-                raw[m] = Raw8<T>{};
+        for (int kk = 0; kk < 16; ++kk) {
+            va[kk] = row_elem<T>(raw[0], kk);
+            vb[kk] = row_elem<T>(raw[1], kk);
+        }
+        // max |v| over each row of 16, NaN-propagating: finite exactly when every weight is.
+        float ma = fabsf(va[0]), mb = fabsf(vb[0]);
+#pragma unroll
+        for (int kk = 1; kk < 16; ++kk) {
+            ma = qgrid::max_abs_nan(ma, va[kk]);
+            mb = qgrid::max_abs_nan(mb, vb[kk]);
+        }
+        const bool ok_a = ma <= qgrid::kMaxFinite, ok_b = mb <= qgrid::kMaxFinite; // false for NaN and Inf
+        if (active && !ok_a) report_nonfinite16(p.status, va, row_a * k + col);
+        if (active && !ok_b) report_nonfinite16(p.status, vb, (row_a + 8) * k + col);
+        const long long f_a = (col / g) * n + x.nt * kTileN + c; // GPTQ order within the matrix
+        S *sc = scales + x.b * groups * n;
+        float sa, sb;
+        if (INLINE_SCALES) {
+            // The group's amax ignores NaNs (fmaxf), as it always did: recompute a NaN row so.
+            if (ma != ma) {
+                ma = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < 16; ++kk) ma = fmaxf(ma, fabsf(va[kk]));
+            }
+            if (mb != mb) {
+                mb = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < 16; ++kk) mb = fmaxf(mb, fabsf(vb[kk]));
+            }
+            ma = group_max(ma, width); // uniform: every lane of the warp takes part
+            mb = group_max(mb, width);
+            S st_a, st_b;
+            sa = qgrid::stored_scale<S>(ma, &st_a);
+            sb = qgrid::stored_scale<S>(mb, &st_b);
+            if (active && kb % width == 0) {
+                const long long gi = col / g;
+                if (!(sa <= qgrid::kMaxFinite)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(row_a * groups + gi));
+                if (!(sb <= qgrid::kMaxFinite)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)((row_a + 8) * groups + gi));
+                sc[scale_dest(f_a, cw)] = st_a;
+                sc[scale_dest(f_a + 8, cw)] = st_b;
+            }
+        } else {
+            sa = sb = 1.0f;
+            if (active) {
+                sa = Num<S>::to_f32(sc[scale_dest(f_a, cw)]);
+                sb = Num<S>::to_f32(sc[scale_dest(f_a + 8, cw)]);
             }
         }
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-            const int q = threadIdx.x + kLayoutThreads * m;
-            const int row = q >> 4, ch = q & 15;
-            const long long nrow = x.b * n + x.nt * kTileN + row; // batch-flattened weight row
-            const long long col = x.k0 + 8 * ch;
-            float v[8];
-            unpack_raw<T>(raw[m], v);
-            float sf;
-            if (INLINE_SCALES) {
-                float amax = 0.0f;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[e]));
-                amax = group_max(amax, width); // uniform: every lane of the warp takes part
-                if (!active[m]) continue;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    if (!isfinite(v[e])) {
-                        report(p.status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(nrow * k + col + e));
-                        break;
-                    }
-                }
-                S stored;
-                sf = qgrid::stored_scale<S>(amax, &stored);
-                if (ch % width == 0) {
-                    const long long gi = col / g;
-                    if (!isfinite(sf)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(nrow * groups + gi));
-                    const long long f = gi * n + x.nt * kTileN + row; // GPTQ order within the matrix
-                    scales[x.b * groups * n + scale_dest(f, cw)] = stored;
-                }
-            } else {
-                if (!active[m]) continue;
-                const long long f = (col / g) * n + x.nt * kTileN + row;
-                sf = Num<S>::to_f32(scales[x.b * groups * n + scale_dest(f, cw)]);
-            }
-            sm[ch][sw(ch, row)] = qgrid::quant_word(v, sf);
+        if (!active) continue;
+        uint32_t words[4] = {0, 0, 0, 0};
+        // Fast path: finite weights and a finite scale made from their group's amax (INLINE:
+        // just above; staged: by the row-scale pass over the same weights).
+        const float ra = qgrid::recip(sa), rb = qgrid::recip(sb);
+        if (ok_a && sa <= qgrid::kMaxFinite) {
+            quant_row16<0, true>(va, sa, ra, -sa, words);
+        } else {
+            quant_row16<0, false>(va, sa, ra, -sa, words);
         }
-        __syncthreads();
-        emit_marlin(sm, x, p.qweight, k, n);
-        __syncthreads();
+        if (ok_b && sb <= qgrid::kMaxFinite) {
+            quant_row16<1, true>(vb, sb, rb, -sb, words);
+        } else {
+            quant_row16<1, false>(vb, sb, rb, -sb, words);
+        }
+        int32_t *out = p.qweight + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK + kb) * (2 * n) +
+                       (long long)kTileWords * x.nt + 16 * (threadIdx.x >> 5) + (lane >> 3);
+#pragma unroll
+        for (int m = 0; m < 4; ++m) out[4 * m] = (int32_t)words[m];
     }
 }
 
