@@ -271,3 +271,97 @@ fn f32_weights_are_never_double_rounded_onto_a_tie() {
         }
     }
 }
+
+/// The kernels' `amax / 7` of `qgrid::stored_scale` (the same quotient with `s = 7`, `m = 7`;
+/// `+Inf` keeps the IEEE quotient), operation for operation.
+#[inline(always)]
+fn fast_amax_over_7(amax: f32) -> f32 {
+    if amax <= f32::MAX {
+        let r = 1.0f32 / 7.0; // kInv7
+        let t = amax * r;
+        let e = t.mul_add(-7.0, amax);
+        e.mul_add(r, t)
+    } else {
+        amax
+    }
+}
+
+/// `s32 = max(amax / 7, 1e-5)` for a range of amax bit patterns: mismatches of `s32` (what the
+/// stored scale is rounded from) and of the quotient itself where `amax / 7 >= 2^-120`.
+#[inline(always)]
+fn sweep_amax(bits: std::ops::Range<u32>) -> (u32, u32) {
+    let (mut s32_bad, mut quot_bad) = (0u32, 0u32);
+    for b in bits {
+        let a = f32::from_bits(b);
+        let want = a / 7.0;
+        let got = fast_amax_over_7(a);
+        let s_ok = got.max(rq_min_scale()).to_bits() == want.max(rq_min_scale()).to_bits();
+        let q_ok = (want < 7.5e-37) | (got.to_bits() == want.to_bits());
+        s32_bad = s32_bad.wrapping_add(!s_ok as u32);
+        quot_bad = quot_bad.wrapping_add(!q_ok as u32);
+    }
+    (s32_bad, quot_bad)
+}
+
+#[inline(always)]
+fn rq_min_scale() -> f32 {
+    lowbit::format::MIN_SCALE
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sweep_amax_avx2(bits: std::ops::Range<u32>) -> (u32, u32) {
+    sweep_amax(bits)
+}
+
+/// Every non-negative f32 amax, `0` to `+Inf` (2^31 values): the division-free `amax / 7` gives
+/// the same `s32`, hence the same stored scale, as the IEEE division of DESIGN §3 — and the same
+/// quotient bit for bit wherever it is a normal number. (The proof is the one above with `s = 7`.)
+#[test]
+fn every_amax_over_7() {
+    let end = f32::INFINITY.to_bits() + 1;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(16) as u32;
+    let step = end.div_ceil(threads * 64);
+    let (mut s32_bad, mut quot_bad) = (0u64, 0u64);
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut acc = (0u64, 0u64);
+                    let mut lo = t * step;
+                    while lo < end {
+                        let r = lo..(lo + step).min(end);
+                        #[cfg(target_arch = "x86_64")]
+                        let (a, b) = if std::arch::is_x86_feature_detected!("avx2")
+                            && std::arch::is_x86_feature_detected!("fma")
+                        {
+                            // SAFETY: the CPU has the features (checked just above).
+                            unsafe { sweep_amax_avx2(r) }
+                        } else {
+                            sweep_amax(r)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let (a, b) = sweep_amax(r);
+                        acc.0 += a as u64;
+                        acc.1 += b as u64;
+                        lo += threads * step;
+                    }
+                    acc
+                })
+            })
+            .collect();
+        for h in hs {
+            let (a, b) = h.join().unwrap();
+            s32_bad += a;
+            quot_bad += b;
+        }
+    });
+    assert_eq!(s32_bad, 0, "s32 differs");
+    assert_eq!(quot_bad, 0, "amax / 7 differs");
+    // And the stored scales themselves, through the reference, at the edges.
+    for a in [0.0f32, 7e-5, f32::from_bits(7e-5f32.to_bits() + 1), 1.0, 7.0, 3e5, 458_752.0, f32::MAX, f32::INFINITY] {
+        let s32 = fast_amax_over_7(a).max(rq_min_scale());
+        assert_eq!(bf16::from_f32(s32).to_bits(), rq::group_scale::<bf16>(a).to_bits(), "{a:e}");
+        assert_eq!(f16::from_f32(s32).to_bits(), rq::group_scale::<f16>(a).to_bits(), "{a:e}");
+    }
+}

@@ -3,7 +3,10 @@
 // of them produce bit-identical scales and codes:
 //   s32 = max(amax / 7, 1e-5); s = S(s32) (round to nearest even);
 //   q = clamp(rint(w / f32(s)), -7, 7); stored nibble u = q + 8.
-// Division is IEEE round-to-nearest (nvcc's default -prec-div=true; never build with fast math).
+// The definition divides (IEEE round-to-nearest); the kernels compute the same values without
+// dividing (below: an exact fma-corrected quotient, proven and exhaustively tested). quant_code,
+// the plain division, remains for the inputs outside the fast path's precondition (non-finite
+// weights or scales). Never build with fast math.
 #pragma once
 
 #include "lowbit_common.cuh"
@@ -12,38 +15,9 @@
 namespace lowbit {
 namespace qgrid {
 
-// The stored scale of a group whose largest magnitude is `amax`; returns it widened to f32.
-template <typename S>
-__device__ __forceinline__ float stored_scale(float amax, S *stored) {
-    const float s32 = fmaxf(amax / 7.0f, (float)LOWBIT_MIN_SCALE);
-    const S s = Num<S>::from_f32(s32);
-    *stored = s;
-    return Num<S>::to_f32(s);
-}
-
-// q = clamp(rint(w / s), -7, 7); `clipped` when the rounded value fell outside the grid.
-__device__ __forceinline__ int quant_code(float w, float s, bool *clipped) {
-    float q = rintf(w / s);
-    *clipped = !(q >= -(float)LOWBIT_QMAX && q <= (float)LOWBIT_QMAX);
-    q = fminf(fmaxf(q, -(float)LOWBIT_QMAX), (float)LOWBIT_QMAX);
-    return (int)q;
-}
-
-// Eight consecutive weights under one scale -> one packed word (nibble i holds q[i] + 8).
-__device__ __forceinline__ uint32_t quant_word(const float v[8], float s) {
-    uint32_t word = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        bool clipped;
-        const int q = quant_code(v[i], s, &clipped);
-        word |= (uint32_t)(q + LOWBIT_QZERO) << (4 * i);
-    }
-    return word;
-}
-
-// ---- The same codes without a division (issue 9) -----------------------------------------------
+// ---- Division without a division (issue 9) ------------------------------------------------------
 //
-// quant_code above costs one IEEE division per weight. The fast path below computes the very same
+// quant_code below costs one IEEE division per weight. The fast path below computes the very same
 // q from r = RN(1/s), taken once per scale, with three f32 operations and one rounding add per
 // weight, and is bit-identical to rint(w / s) for every input it is used on. The CPU mirror in
 // tests/cpu_quant_exact.rs performs the same operations in the same order (it is the test's copy
@@ -83,7 +57,12 @@ __device__ __forceinline__ uint32_t quant_word(const float v[8], float s) {
 // 2^-14, which is < 0.3% of s32 >= 1e-5), so q = rint(y) is in [-7, 7] and no clamp is needed.
 // Non-finite weights or a non-finite scale take quant_code (the division) instead, so their codes
 // are what they always were.
+//
+// The same quotient divides amax by 7 in stored_scale: 7 = 7 * 2^0 has m = 7 < 2^11, amax is an
+// f32, and amax / 7 >= 1e-5 where it matters (below, the max with 1e-5 takes over: |y - x| is
+// within a few ulps there). An infinite amax keeps the IEEE result, +Inf.
 constexpr float kRound8 = 12582920.0f; // 1.5 * 2^23 + 8, bits 0x4B400008
+constexpr float kInv7 = 1.0f / 7.0f;   // RN(1/7), 0x3E124925
 constexpr float kMaxFinite = 3.40282347e38f; // FLT_MAX: x <= kMaxFinite is false for NaN and +-Inf
 
 // r = RN(1/s), once per scale.
@@ -107,11 +86,55 @@ __device__ __forceinline__ uint32_t put_nibble(uint32_t word, float a) {
     return d;
 }
 
+// Max of two packed pairs of magnitudes (bits 0x7FFF7FFF already masked), NaN-propagating.
+template <typename T> __device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b);
+template <> __device__ __forceinline__ uint32_t max2_nan<__nv_bfloat16>(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+template <> __device__ __forceinline__ uint32_t max2_nan<__half>(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
 // Max of x and |v| that propagates NaN (max.NaN): a NaN or an Inf anywhere shows in the result.
 __device__ __forceinline__ float max_abs_nan(float x, float v) {
     float d;
     asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(x), "f"(fabsf(v)));
     return d;
+}
+
+// The stored scale of a group whose largest magnitude is `amax`; returns it widened to f32.
+template <typename S>
+__device__ __forceinline__ float stored_scale(float amax, S *stored) {
+    // amax / 7 (IEEE), computed without a division (see quotient); +Inf stays +Inf.
+    const float a7 = amax <= kMaxFinite ? quotient(amax, -7.0f, kInv7) : amax;
+    const float s32 = fmaxf(a7, (float)LOWBIT_MIN_SCALE);
+    const S s = Num<S>::from_f32(s32);
+    *stored = s;
+    return Num<S>::to_f32(s);
+}
+
+// q = clamp(rint(w / s), -7, 7); `clipped` when the rounded value fell outside the grid.
+__device__ __forceinline__ int quant_code(float w, float s, bool *clipped) {
+    float q = rintf(w / s);
+    *clipped = !(q >= -(float)LOWBIT_QMAX && q <= (float)LOWBIT_QMAX);
+    q = fminf(fmaxf(q, -(float)LOWBIT_QMAX), (float)LOWBIT_QMAX);
+    return (int)q;
+}
+
+// Eight consecutive weights under one scale -> one packed word (nibble i holds q[i] + 8).
+__device__ __forceinline__ uint32_t quant_word(const float v[8], float s) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        bool clipped;
+        const int q = quant_code(v[i], s, &clipped);
+        word |= (uint32_t)(q + LOWBIT_QZERO) << (4 * i);
+    }
+    return word;
 }
 
 } // namespace qgrid

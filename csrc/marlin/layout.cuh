@@ -332,49 +332,94 @@ __device__ __forceinline__ void report_nonfinite16(unsigned long long *status, c
     }
 }
 
-template <typename T, typename S, bool INLINE_SCALES>
+// max |v| over a row of 16, NaN-propagating (a NaN or an Inf anywhere shows): for 16-bit weights
+// on the packed pairs (the max of bf16/f16 magnitudes is exact in the narrow type), then widened.
+template <typename T>
+__device__ __forceinline__ float row_absmax_nan(const Row16<T> &r, const float v[16]) {
+    float m = fabsf(v[0]);
+#pragma unroll
+    for (int kk = 1; kk < 16; ++kk) m = qgrid::max_abs_nan(m, v[kk]);
+    return m;
+}
+template <typename T>
+__device__ __forceinline__ float row_absmax_nan16(const Row16<T> &r) {
+    uint32_t x[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = row_word(r.q[i >> 2], i & 3) & 0x7FFF7FFFu;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = qgrid::max2_nan<T>(x[i], x[i + 4]);
+    x[0] = qgrid::max2_nan<T>(x[0], x[2]);
+    x[1] = qgrid::max2_nan<T>(x[1], x[3]);
+    x[0] = qgrid::max2_nan<T>(x[0], x[1]);
+    Row16<T> one{};
+    one.q[0].x = x[0];
+    return qgrid::max_abs_nan(row_elem<T>(one, 0), row_elem<T>(one, 1));
+}
+template <>
+__device__ __forceinline__ float row_absmax_nan<__nv_bfloat16>(const Row16<__nv_bfloat16> &r, const float *) {
+    return row_absmax_nan16<__nv_bfloat16>(r);
+}
+template <>
+__device__ __forceinline__ float row_absmax_nan<__half>(const Row16<__half> &r, const float *) {
+    return row_absmax_nan16<__half>(r);
+}
+
+// Butterfly max over WIDTH aligned lanes (NaN-dropping, as fmaxf). Every lane must call it.
+template <int WIDTH>
+__device__ __forceinline__ float lanes_max(float x) {
+    if constexpr (WIDTH > 1) {
+        float y;
+        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=f"(y) : "f"(x), "n"(WIDTH / 2));
+        return lanes_max<WIDTH / 2>(fmaxf(x, y));
+    } else {
+        return x;
+    }
+}
+
+// WIDTH = g / 16 lanes per group (g = 32, 64, 128) computes the scales inline; WIDTH = 0 reads the
+// scales the row-scale pass wrote (channelwise).
+template <typename T, typename S, int WIDTH>
 __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
-    const long long k = p.k, n = p.n, g = p.group, groups = k / g;
+    constexpr bool INLINE_SCALES = WIDTH > 0;
+    const long long k = p.k, n = p.n, g = INLINE_SCALES ? 16 * WIDTH : p.group, groups = k / g;
     const bool cw = p.channelwise != 0;
-    const int width = INLINE_SCALES ? (int)(g / 16) : 1; // lanes per group (g = 32, 64, 128)
     const T *w = reinterpret_cast<const T *>(p.w);
     S *scales = reinterpret_cast<S *>(p.scales);
     const int lane = threadIdx.x & 31, kb = lane & 7;
     const int c = 16 * (lane >> 3) + (threadIdx.x >> 5); // N-row of the tile; the other is c + 8
+    // Each block takes a contiguous range of units (unit_of's order: strips of one column tile,
+    // then the next tile, then the next matrix) and steps through it without dividing.
+    const long long ntiles = n / kTileN;
     const long long units = unit_count(p.batch, k, n);
-    for (long long u = blockIdx.x; u < units; u += gridDim.x) {
-        const Unit x = unit_of(u, k, n);
+    const long long per = (units + gridDim.x - 1) / gridDim.x;
+    long long u = (long long)blockIdx.x * per;
+    const long long u_end = min(u + per, units);
+    if (u >= u_end) return;
+    Unit x = unit_of(u, k, n);
+    for (; u < u_end; ++u) {
         const bool active = 16 * kb < x.rows;
         const long long row_a = x.b * n + x.nt * kTileN + c; // batch-flattened weight rows
         const long long col = x.k0 + 16 * kb;
+        // Inactive lanes (a strip shorter than 128) read the strip's first K-rows instead, so every
+        // lane loads unconditionally; their values only enter the amax as 0.
+        const T *src = w + row_a * k + (active ? col : x.k0);
         Row16<T> raw[2];
-        if (active) {
-            load_row16<T>(w + row_a * k + col, raw[0]);
-            load_row16<T>(w + (row_a + 8) * k + col, raw[1]);
-        } else {
-            raw[0] = Row16<T>{};
-            raw[1] = Row16<T>{};
-        }
+        load_row16<T>(src, raw[0]);
+        load_row16<T>(src + 8 * k, raw[1]);
         float va[16], vb[16];
 #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
             va[kk] = row_elem<T>(raw[0], kk);
             vb[kk] = row_elem<T>(raw[1], kk);
         }
-        // max |v| over each row of 16, NaN-propagating: finite exactly when every weight is.
-        float ma = fabsf(va[0]), mb = fabsf(vb[0]);
-#pragma unroll
-        for (int kk = 1; kk < 16; ++kk) {
-            ma = qgrid::max_abs_nan(ma, va[kk]);
-            mb = qgrid::max_abs_nan(mb, vb[kk]);
-        }
-        const bool ok_a = ma <= qgrid::kMaxFinite, ok_b = mb <= qgrid::kMaxFinite; // false for NaN and Inf
+        float ma = row_absmax_nan<T>(raw[0], va), mb = row_absmax_nan<T>(raw[1], vb);
+        const bool ok_a = ma <= qgrid::kMaxFinite, ok_b = mb <= qgrid::kMaxFinite; // false for NaN, Inf
         if (active && !ok_a) report_nonfinite16(p.status, va, row_a * k + col);
         if (active && !ok_b) report_nonfinite16(p.status, vb, (row_a + 8) * k + col);
         const long long f_a = (col / g) * n + x.nt * kTileN + c; // GPTQ order within the matrix
         S *sc = scales + x.b * groups * n;
-        float sa, sb;
-        if (INLINE_SCALES) {
+        float sa = 1.0f, sb = 1.0f;
+        if constexpr (INLINE_SCALES) {
             // The group's amax ignores NaNs (fmaxf), as it always did: recompute a NaN row so.
             if (ma != ma) {
                 ma = 0.0f;
@@ -386,44 +431,66 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
 #pragma unroll
                 for (int kk = 0; kk < 16; ++kk) mb = fmaxf(mb, fabsf(vb[kk]));
             }
-            ma = group_max(ma, width); // uniform: every lane of the warp takes part
-            mb = group_max(mb, width);
+            ma = lanes_max<WIDTH>(active ? ma : 0.0f); // uniform: every lane of the warp takes part
+            mb = lanes_max<WIDTH>(active ? mb : 0.0f);
             S st_a, st_b;
             sa = qgrid::stored_scale<S>(ma, &st_a);
             sb = qgrid::stored_scale<S>(mb, &st_b);
-            if (active && kb % width == 0) {
+            if (active && kb % WIDTH == 0) {
                 const long long gi = col / g;
-                if (!(sa <= qgrid::kMaxFinite)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(row_a * groups + gi));
-                if (!(sb <= qgrid::kMaxFinite)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)((row_a + 8) * groups + gi));
+                if (!(sa <= qgrid::kMaxFinite))
+                    report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(row_a * groups + gi));
+                if (!(sb <= qgrid::kMaxFinite))
+                    report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)((row_a + 8) * groups + gi));
                 sc[scale_dest(f_a, cw)] = st_a;
                 sc[scale_dest(f_a + 8, cw)] = st_b;
             }
-        } else {
-            sa = sb = 1.0f;
-            if (active) {
-                sa = Num<S>::to_f32(sc[scale_dest(f_a, cw)]);
-                sb = Num<S>::to_f32(sc[scale_dest(f_a + 8, cw)]);
+        } else if (active) {
+            sa = Num<S>::to_f32(sc[scale_dest(f_a, cw)]);
+            sb = Num<S>::to_f32(sc[scale_dest(f_a + 8, cw)]);
+        }
+        if (active) {
+            uint32_t words[4] = {0, 0, 0, 0};
+            // Fast path: finite weights and a finite scale made from their group's amax (inline:
+            // just above; staged: by the row-scale pass over the same weights).
+            const float ra = qgrid::recip(sa), rb = qgrid::recip(sb);
+            if (ok_a && sa <= qgrid::kMaxFinite) {
+                quant_row16<0, true>(va, sa, ra, -sa, words);
+            } else {
+                quant_row16<0, false>(va, sa, ra, -sa, words);
+            }
+            if (ok_b && sb <= qgrid::kMaxFinite) {
+                quant_row16<1, true>(vb, sb, rb, -sb, words);
+            } else {
+                quant_row16<1, false>(vb, sb, rb, -sb, words);
+            }
+            int32_t *out = p.qweight + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK + kb) * (2 * n) +
+                           (long long)kTileWords * x.nt + 16 * (threadIdx.x >> 5) + (lane >> 3);
+#pragma unroll
+            for (int m = 0; m < 4; ++m) out[4 * m] = (int32_t)words[m];
+        }
+        // Next unit: the next strip, else the next column tile, else the next matrix.
+        x.k0 += kStripK;
+        if (x.k0 >= k) {
+            x.k0 = 0;
+            if (++x.nt == ntiles) {
+                x.nt = 0;
+                ++x.b;
             }
         }
-        if (!active) continue;
-        uint32_t words[4] = {0, 0, 0, 0};
-        // Fast path: finite weights and a finite scale made from their group's amax (INLINE:
-        // just above; staged: by the row-scale pass over the same weights).
-        const float ra = qgrid::recip(sa), rb = qgrid::recip(sb);
-        if (ok_a && sa <= qgrid::kMaxFinite) {
-            quant_row16<0, true>(va, sa, ra, -sa, words);
-        } else {
-            quant_row16<0, false>(va, sa, ra, -sa, words);
-        }
-        if (ok_b && sb <= qgrid::kMaxFinite) {
-            quant_row16<1, true>(vb, sb, rb, -sb, words);
-        } else {
-            quant_row16<1, false>(vb, sb, rb, -sb, words);
-        }
-        int32_t *out = p.qweight + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK + kb) * (2 * n) +
-                       (long long)kTileWords * x.nt + 16 * (threadIdx.x >> 5) + (lane >> 3);
-#pragma unroll
-        for (int m = 0; m < 4; ++m) out[4 * m] = (int32_t)words[m];
+        x.rows = (int)min((long long)kStripK, k - x.k0);
+    }
+}
+
+// The inline kernels: one instance per group size (the lane width of the amax reduction).
+template <typename T, typename S>
+__device__ __forceinline__ void sync_inline(const LowbitMarlinSyncParams &p) {
+    if (p.group == 32) {
+        sync_quantize<T, S, 2>(p);
+    } else if (p.group == 64) {
+        sync_quantize<T, S, 4>(p);
+    } else {
+        sync_quantize<T, S, 8>(p);
     }
 }
 
@@ -496,40 +563,40 @@ extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_unpermute_scales
 // Weight sync: lowbit_marlin_sync_<inline|staged>_<weight dtype>_<scale dtype>, and the row-scale
 // pre-pass lowbit_marlin_sync_scales_<weight dtype>_<scale dtype> for the staged path.
 extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, true>(p);
+    lowbit::marlin::sync_inline<__nv_bfloat16, __nv_bfloat16>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, true>(p);
+    lowbit::marlin::sync_inline<__nv_bfloat16, __half>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, true>(p);
+    lowbit::marlin::sync_inline<__half, __nv_bfloat16>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __half, true>(p);
+    lowbit::marlin::sync_inline<__half, __half>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __nv_bfloat16, true>(p);
+    lowbit::marlin::sync_inline<float, __nv_bfloat16>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __half, true>(p);
+    lowbit::marlin::sync_inline<float, __half>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, false>(p);
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, false>(p);
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, false>(p);
+    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __half, false>(p);
+    lowbit::marlin::sync_quantize<__half, __half, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f32_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __nv_bfloat16, false>(p);
+    lowbit::marlin::sync_quantize<float, __nv_bfloat16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f32_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __half, false>(p);
+    lowbit::marlin::sync_quantize<float, __half, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_bf16_bf16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_group_scales<__nv_bfloat16, __nv_bfloat16>(p);
