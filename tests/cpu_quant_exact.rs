@@ -5,7 +5,7 @@
 //! sync (`csrc/marlin/layout.cuh`) computes it without the division (`csrc/common/lowbit_int4.cuh`,
 //! `qgrid::quotient` / `round8`): `r = RN(1/s)` once per scale, then per weight
 //! `t = RN(w r)`, `e = fma(t, -s, w)`, `y = fma(e, r, t)`, and the code's nibble `u = q + 8` is the
-//! low nibble of the bits of `RN(y + 1.5·2^23 + 8)`. [`fast_nibble`] below is that sequence,
+//! low byte of the bits of `RN(y + 1.5·2^23 + 8)`. [`fast_nibble`] below is that sequence,
 //! operation for operation, in Rust (`f32::mul_add` is the fused multiply-add); the CUDA code says
 //! the same of itself, and the two must be changed together.
 //!
@@ -51,10 +51,12 @@ fn fast_quotient(w: f32, s: f32) -> f32 {
     e.mul_add(r, t) // __fmaf_rn(e, r, t)
 }
 
-/// The kernel's code nibble `u = q + 8` (`qgrid::round8` + the low nibble `put_nibble` inserts).
+/// The kernel's code `u = q + 8`: the low byte of the bits of `qgrid::round8(y)`, which the sync
+/// kernel gathers into packed words with byte permutes (so the whole byte must be `u`, not only
+/// its low nibble).
 #[inline(always)]
 fn fast_nibble(w: f32, s: f32) -> u32 {
-    (fast_quotient(w, s) + ROUND8).to_bits() & 0xF // __fadd_rn(y, kRound8)
+    (fast_quotient(w, s) + ROUND8).to_bits() & 0xFF // __fadd_rn(y, kRound8), then prmt.b32
 }
 
 /// Every scale of type `S` the kernels can store: `S(max(amax / 7, 1e-5))` for some finite amax.

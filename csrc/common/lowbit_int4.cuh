@@ -48,8 +48,7 @@ namespace qgrid {
 //
 // Rounding to an integer: for |y| < 2^22, RN(y + 1.5 * 2^23) lies in [2^23, 2^24) where the floats
 // are the integers, so it is 1.5 * 2^23 + rint(y) (ties to even: 1.5 * 2^23 is even), and its bits
-// are 0x4B400000 + rint(y). Adding 8 more (kRound8) puts u = q + 8 in the low nibble for
-// q in [-8, 7].
+// are 0x4B400000 + rint(y). Adding 8 more (kRound8) makes the low byte u = q + 8 for q in [-8, 7].
 //
 // Precondition of the fast path (what makes the clamp unnecessary): |w| <= amax for the amax the
 // scale was made from, s = S(max(amax / 7, 1e-5)) finite. Then |w / s| <= 7 / ((1 - 2^-24)(1 - 2^-9))
@@ -75,16 +74,9 @@ __device__ __forceinline__ float quotient(float w, float ns, float r) {
     return __fmaf_rn(e, r, t);
 }
 
-// The bits of RN(y + kRound8): low nibble u = rint(y) + 8, for |y| < 7.5.
+// RN(y + kRound8), whose bits are 0x4B400000 + u with u = rint(y) + 8: for |y| < 7.5 its low
+// byte is u itself (the kernels gather these bytes into packed words with byte permutes).
 __device__ __forceinline__ float round8(float y) { return __fadd_rn(y, kRound8); }
-
-// Inserts the low nibble of a's bits (a = round8(y)) at nibble POS of word.
-template <int POS>
-__device__ __forceinline__ uint32_t put_nibble(uint32_t word, float a) {
-    uint32_t d;
-    asm("bfi.b32 %0, %1, %2, %3, 4;" : "=r"(d) : "f"(a), "r"(word), "n"(4 * POS));
-    return d;
-}
 
 // Max of two packed pairs of magnitudes (bits 0x7FFF7FFF already masked), NaN-propagating.
 template <typename T> __device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b);

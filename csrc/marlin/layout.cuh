@@ -293,31 +293,41 @@ template <> __device__ __forceinline__ float row_elem<__half>(const Row16<__half
     return __half2float(__ushort_as_half(h));
 }
 
-// Quantizes one N-row's 16 weights into the thread's four Marlin words (B: row c + 8).
-// FAST: the division-free rounding of lowbit_int4.cuh (its precondition holds: see the caller).
-template <int B, bool FAST>
-__device__ __forceinline__ void quant_row16(const float v[16], float sf, float r, float ns, uint32_t words[4]) {
+// The codes of one N-row's 16 weights, as floats whose low byte is u = q + 8 (the rest of the bits
+// are don't-care). FAST: the division-free rounding of lowbit_int4.cuh (its precondition holds:
+// see the caller); otherwise quant_code, the division.
+template <bool FAST>
+__device__ __forceinline__ void code_row16(const float v[16], float sf, float r, float ns, float a[16]) {
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk) {
-        const int m = (kk & 7) >> 1;
         if (FAST) {
-            const float a = qgrid::round8(qgrid::quotient(v[kk], ns, r));
-            switch (4 * (kk & 1) + (kk >> 3) + 2 * B) {
-            case 0: words[m] = qgrid::put_nibble<0>(words[m], a); break;
-            case 1: words[m] = qgrid::put_nibble<1>(words[m], a); break;
-            case 2: words[m] = qgrid::put_nibble<2>(words[m], a); break;
-            case 3: words[m] = qgrid::put_nibble<3>(words[m], a); break;
-            case 4: words[m] = qgrid::put_nibble<4>(words[m], a); break;
-            case 5: words[m] = qgrid::put_nibble<5>(words[m], a); break;
-            case 6: words[m] = qgrid::put_nibble<6>(words[m], a); break;
-            default: words[m] = qgrid::put_nibble<7>(words[m], a); break;
-            }
+            a[kk] = qgrid::round8(qgrid::quotient(v[kk], ns, r)); // bits 0x4B400000 + u
         } else {
             bool clipped;
-            const uint32_t u = (uint32_t)(qgrid::quant_code(v[kk], sf, &clipped) + LOWBIT_QZERO);
-            const int nib = 4 * (kk & 1) + (kk >> 3) + 2 * B;
-            words[m] = (words[m] & ~(0xFu << (4 * nib))) | (u << (4 * nib));
+            a[kk] = __uint_as_float((uint32_t)(qgrid::quant_code(v[kk], sf, &clipped) + LOWBIT_QZERO));
         }
+    }
+}
+
+// Bytes 0 of b0..b3 (each holding a nibble u) -> bytes 0..3 of one word: three byte permutes.
+__device__ __forceinline__ uint32_t low_bytes4(float b0, float b1, float b2, float b3) {
+    uint32_t p, q, d;
+    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(p) : "f"(b0), "f"(b1));
+    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(q) : "f"(b2), "f"(b3));
+    asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(p), "r"(q));
+    return d;
+}
+
+// The thread's four Marlin words from the codes of rows c (ca) and c + 8 (cb): word m holds, in
+// nibbles 0..7, K-rows 2m (c), 2m+8 (c), 2m (c+8), 2m+8 (c+8), 2m+1 (c), 2m+9 (c), 2m+1 (c+8),
+// 2m+9 (c+8): the even nibbles are the low halves of the bytes of x, the odd ones of y, and
+// word = x + 16 y (no carries: every byte of x and y is below 16).
+__device__ __forceinline__ void marlin_words(const float ca[16], const float cb[16], uint32_t words[4]) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        const uint32_t x = low_bytes4(ca[2 * m], cb[2 * m], ca[2 * m + 1], cb[2 * m + 1]);
+        const uint32_t y = low_bytes4(ca[2 * m + 8], cb[2 * m + 8], ca[2 * m + 9], cb[2 * m + 9]);
+        asm("mad.lo.u32 %0, %1, 16, %2;" : "=r"(words[m]) : "r"(y), "r"(x));
     }
 }
 
@@ -387,6 +397,7 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
     S *scales = reinterpret_cast<S *>(p.scales);
     const int lane = threadIdx.x & 31, kb = lane & 7;
     const int c = 16 * (lane >> 3) + (threadIdx.x >> 5); // N-row of the tile; the other is c + 8
+    const int dest_a = (int)scale_dest(c, cw), dest_b = (int)scale_dest(c + 8, cw);
     // Each block takes a contiguous range of units (unit_of's order: strips of one column tile,
     // then the next tile, then the next matrix) and steps through it without dividing.
     const long long ntiles = n / kTileN;
@@ -416,8 +427,9 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
         const bool ok_a = ma <= qgrid::kMaxFinite, ok_b = mb <= qgrid::kMaxFinite; // false for NaN, Inf
         if (active && !ok_a) report_nonfinite16(p.status, va, row_a * k + col);
         if (active && !ok_b) report_nonfinite16(p.status, vb, (row_a + 8) * k + col);
-        const long long f_a = (col / g) * n + x.nt * kTileN + c; // GPTQ order within the matrix
-        S *sc = scales + x.b * groups * n;
+        // Scale positions: GPTQ order f = gi n + 64 nt + c; as n and 64 nt are multiples of 64,
+        // scale_dest(f) = (gi n + 64 nt) + scale_dest(c) (dest_a / dest_b, per thread).
+        S *sc = scales + x.b * groups * n + (col / g) * n + x.nt * kTileN;
         float sa = 1.0f, sb = 1.0f;
         if constexpr (INLINE_SCALES) {
             // The group's amax ignores NaNs (fmaxf), as it always did: recompute a NaN row so.
@@ -442,28 +454,30 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
                     report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(row_a * groups + gi));
                 if (!(sb <= qgrid::kMaxFinite))
                     report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)((row_a + 8) * groups + gi));
-                sc[scale_dest(f_a, cw)] = st_a;
-                sc[scale_dest(f_a + 8, cw)] = st_b;
+                sc[dest_a] = st_a;
+                sc[dest_b] = st_b;
             }
         } else if (active) {
-            sa = Num<S>::to_f32(sc[scale_dest(f_a, cw)]);
-            sb = Num<S>::to_f32(sc[scale_dest(f_a + 8, cw)]);
+            sa = Num<S>::to_f32(sc[dest_a]);
+            sb = Num<S>::to_f32(sc[dest_b]);
         }
         if (active) {
-            uint32_t words[4] = {0, 0, 0, 0};
             // Fast path: finite weights and a finite scale made from their group's amax (inline:
             // just above; staged: by the row-scale pass over the same weights).
             const float ra = qgrid::recip(sa), rb = qgrid::recip(sb);
+            float ca[16], cb[16];
             if (ok_a && sa <= qgrid::kMaxFinite) {
-                quant_row16<0, true>(va, sa, ra, -sa, words);
+                code_row16<true>(va, sa, ra, -sa, ca);
             } else {
-                quant_row16<0, false>(va, sa, ra, -sa, words);
+                code_row16<false>(va, sa, ra, -sa, ca);
             }
             if (ok_b && sb <= qgrid::kMaxFinite) {
-                quant_row16<1, true>(vb, sb, rb, -sb, words);
+                code_row16<true>(vb, sb, rb, -sb, cb);
             } else {
-                quant_row16<1, false>(vb, sb, rb, -sb, words);
+                code_row16<false>(vb, sb, rb, -sb, cb);
             }
+            uint32_t words[4];
+            marlin_words(ca, cb, words);
             int32_t *out = p.qweight + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK + kb) * (2 * n) +
                            (long long)kTileWords * x.nt + 16 * (threadIdx.x >> 5) + (lane >> 3);
 #pragma unroll
