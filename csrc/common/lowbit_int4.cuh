@@ -78,6 +78,28 @@ __device__ __forceinline__ float quotient(float w, float ns, float r) {
 // byte is u itself (the kernels gather these bytes into packed words with byte permutes).
 __device__ __forceinline__ float round8(float y) { return __fadd_rn(y, kRound8); }
 
+// Bytes 0 of b0..b3 (each holding a nibble u) -> bytes 0..3 of one word: three byte permutes.
+__device__ __forceinline__ uint32_t low_bytes4(float b0, float b1, float b2, float b3) {
+    uint32_t p, q, d;
+    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(p) : "f"(b0), "f"(b1));
+    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(q) : "f"(b2), "f"(b3));
+    asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(p), "r"(q));
+    return d;
+}
+
+// Eight codes (as round8 results, or floats whose low byte is u) -> one packed word, nibble i =
+// u[i]: the even nibbles are the low halves of the bytes of x, the odd ones of y; word = x + 16 y.
+__device__ __forceinline__ uint32_t pack8(const float a[8]) {
+    const uint32_t x = low_bytes4(a[0], a[2], a[4], a[6]);
+    const uint32_t y = low_bytes4(a[1], a[3], a[5], a[7]);
+    uint32_t d;
+    asm("mad.lo.u32 %0, %1, 16, %2;" : "=r"(d) : "r"(y), "r"(x));
+    return d;
+}
+
+// max |v| over 8 values, NaN-propagating: finite exactly when all 8 are.
+__device__ __forceinline__ float absmax8_nan(const float v[8]);
+
 // Max of two packed pairs of magnitudes (bits 0x7FFF7FFF already masked), NaN-propagating.
 template <typename T> __device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b);
 template <> __device__ __forceinline__ uint32_t max2_nan<__nv_bfloat16>(uint32_t a, uint32_t b) {
@@ -115,6 +137,13 @@ __device__ __forceinline__ int quant_code(float w, float s, bool *clipped) {
     *clipped = !(q >= -(float)LOWBIT_QMAX && q <= (float)LOWBIT_QMAX);
     q = fminf(fmaxf(q, -(float)LOWBIT_QMAX), (float)LOWBIT_QMAX);
     return (int)q;
+}
+
+__device__ __forceinline__ float absmax8_nan(const float v[8]) {
+    float m = fabsf(v[0]);
+#pragma unroll
+    for (int i = 1; i < 8; ++i) m = max_abs_nan(m, v[i]);
+    return m;
 }
 
 // Eight consecutive weights under one scale -> one packed word (nibble i holds q[i] + 8).

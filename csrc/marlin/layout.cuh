@@ -309,15 +309,6 @@ __device__ __forceinline__ void code_row16(const float v[16], float sf, float r,
     }
 }
 
-// Bytes 0 of b0..b3 (each holding a nibble u) -> bytes 0..3 of one word: three byte permutes.
-__device__ __forceinline__ uint32_t low_bytes4(float b0, float b1, float b2, float b3) {
-    uint32_t p, q, d;
-    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(p) : "f"(b0), "f"(b1));
-    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(q) : "f"(b2), "f"(b3));
-    asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(p), "r"(q));
-    return d;
-}
-
 // The thread's four Marlin words from the codes of rows c (ca) and c + 8 (cb): word m holds, in
 // nibbles 0..7, K-rows 2m (c), 2m+8 (c), 2m (c+8), 2m+8 (c+8), 2m+1 (c), 2m+9 (c), 2m+1 (c+8),
 // 2m+9 (c+8): the even nibbles are the low halves of the bytes of x, the odd ones of y, and
@@ -325,8 +316,8 @@ __device__ __forceinline__ uint32_t low_bytes4(float b0, float b1, float b2, flo
 __device__ __forceinline__ void marlin_words(const float ca[16], const float cb[16], uint32_t words[4]) {
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-        const uint32_t x = low_bytes4(ca[2 * m], cb[2 * m], ca[2 * m + 1], cb[2 * m + 1]);
-        const uint32_t y = low_bytes4(ca[2 * m + 8], cb[2 * m + 8], ca[2 * m + 9], cb[2 * m + 9]);
+        const uint32_t x = qgrid::low_bytes4(ca[2 * m], cb[2 * m], ca[2 * m + 1], cb[2 * m + 1]);
+        const uint32_t y = qgrid::low_bytes4(ca[2 * m + 8], cb[2 * m + 8], ca[2 * m + 9], cb[2 * m + 9]);
         asm("mad.lo.u32 %0, %1, 16, %2;" : "=r"(words[m]) : "r"(y), "r"(x));
     }
 }
