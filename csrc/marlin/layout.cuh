@@ -304,7 +304,9 @@ __device__ __forceinline__ void code_row16(const float v[16], float sf, float r,
             a[kk] = qgrid::round8(qgrid::quotient(v[kk], ns, r)); // bits 0x4B400000 + u
         } else {
             bool clipped;
-            a[kk] = __uint_as_float((uint32_t)(qgrid::quant_code(v[kk], sf, &clipped) + LOWBIT_QZERO));
+            const uint32_t u = (uint32_t)(qgrid::quant_code(v[kk], sf, &clipped) + LOWBIT_QZERO);
+            // (an f32-typed register, like the fast path's, so the two paths merge without moves)
+            asm("mov.b32 %0, %1;" : "=f"(a[kk]) : "r"(u));
         }
     }
 }
