@@ -311,15 +311,27 @@ __device__ __forceinline__ void code_row16(const float v[16], float sf, float r,
     }
 }
 
-// The thread's four Marlin words from the codes of rows c (ca) and c + 8 (cb): word m holds, in
-// nibbles 0..7, K-rows 2m (c), 2m+8 (c), 2m (c+8), 2m+8 (c+8), 2m+1 (c), 2m+9 (c), 2m+1 (c+8),
-// 2m+9 (c+8): the even nibbles are the low halves of the bytes of x, the odd ones of y, and
-// word = x + 16 y (no carries: every byte of x and y is below 16).
-__device__ __forceinline__ void marlin_words(const float ca[16], const float cb[16], uint32_t words[4]) {
+// A row's 16 codes as 8 byte pairs (so that only 8 registers stay live while the other row is
+// quantized): pr[m] = bytes (K-row 2m, 2m+1), pr[4 + m] = (2m+8, 2m+9), m = 0..3.
+__device__ __forceinline__ void code_pairs(const float a[16], uint32_t pr[8]) {
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-        const uint32_t x = qgrid::low_bytes4(ca[2 * m], cb[2 * m], ca[2 * m + 1], cb[2 * m + 1]);
-        const uint32_t y = qgrid::low_bytes4(ca[2 * m + 8], cb[2 * m + 8], ca[2 * m + 9], cb[2 * m + 9]);
+        asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(pr[m]) : "f"(a[2 * m]), "f"(a[2 * m + 1]));
+        asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(pr[4 + m]) : "f"(a[2 * m + 8]), "f"(a[2 * m + 9]));
+    }
+}
+
+// The thread's four Marlin words from the code pairs of rows c (pa) and c + 8 (pb): word m holds,
+// in nibbles 0..7, K-rows 2m (c), 2m+8 (c), 2m (c+8), 2m+8 (c+8), 2m+1 (c), 2m+9 (c), 2m+1 (c+8),
+// 2m+9 (c+8): the even nibbles are the low halves of the bytes of x = (2m c, 2m c+8, 2m+1 c,
+// 2m+1 c+8), the odd ones of y (the same for 2m+8, 2m+9), and word = x + 16 y (no carries: every
+// byte of x and y is below 16).
+__device__ __forceinline__ void marlin_words(const uint32_t pa[8], const uint32_t pb[8], uint32_t words[4]) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        uint32_t x, y;
+        asm("prmt.b32 %0, %1, %2, 0x5140;" : "=r"(x) : "r"(pa[m]), "r"(pb[m]));
+        asm("prmt.b32 %0, %1, %2, 0x5140;" : "=r"(y) : "r"(pa[4 + m]), "r"(pb[4 + m]));
         asm("mad.lo.u32 %0, %1, 16, %2;" : "=r"(words[m]) : "r"(y), "r"(x));
     }
 }
@@ -459,18 +471,21 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
             // just above; staged: by the row-scale pass over the same weights).
             const float ra = qgrid::recip(sa), rb = qgrid::recip(sb);
             float ca[16], cb[16];
+            uint32_t pa[8], pb[8];
             if (ok_a && sa <= qgrid::kMaxFinite) {
                 code_row16<true>(va, sa, ra, -sa, ca);
             } else {
                 code_row16<false>(va, sa, ra, -sa, ca);
             }
+            code_pairs(ca, pa);
             if (ok_b && sb <= qgrid::kMaxFinite) {
                 code_row16<true>(vb, sb, rb, -sb, cb);
             } else {
                 code_row16<false>(vb, sb, rb, -sb, cb);
             }
+            code_pairs(cb, pb);
             uint32_t words[4];
-            marlin_words(ca, cb, words);
+            marlin_words(pa, pb, words);
             int32_t *out = p.qweight + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK + kb) * (2 * n) +
                            (long long)kTileWords * x.nt + 16 * (threadIdx.x >> 5) + (lane >> 3);
 #pragma unroll
@@ -568,23 +583,26 @@ extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_unpermute_scales
 }
 
 // Weight sync: lowbit_marlin_sync_<inline|staged>_<weight dtype>_<scale dtype>, and the row-scale
-// pre-pass lowbit_marlin_sync_scales_<weight dtype>_<scale dtype> for the staged path.
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_bf16(const LowbitMarlinSyncParams p) {
+// pre-pass lowbit_marlin_sync_scales_<weight dtype>_<scale dtype> for the staged path. The inline
+// kernels are bounded to 3 CTAs per SM (80 registers): 4 would cap them at 64 and spill ~100 bytes;
+// 3 x 256 threads with 64 bytes (bf16/f16) or 128 bytes (f32) of loads each issued up front is
+// still 48-96 KB in flight per SM.
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_bf16_bf16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_inline<__nv_bfloat16, __nv_bfloat16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_f16(const LowbitMarlinSyncParams p) {
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_bf16_f16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_inline<__nv_bfloat16, __half>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_bf16(const LowbitMarlinSyncParams p) {
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f16_bf16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_inline<__half, __nv_bfloat16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_f16(const LowbitMarlinSyncParams p) {
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f16_f16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_inline<__half, __half>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_bf16(const LowbitMarlinSyncParams p) {
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f32_bf16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_inline<float, __nv_bfloat16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_f16(const LowbitMarlinSyncParams p) {
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f32_f16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_inline<float, __half>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_bf16(const LowbitMarlinSyncParams p) {
