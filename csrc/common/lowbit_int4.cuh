@@ -31,9 +31,10 @@ namespace qgrid {
 // Proof (u = 2^-24, x = w / s exactly, ulp(v) = 2^(E-23) for 2^E <= |v| < 2^(E+1)):
 //  1. r = (1/s)(1 + d1), t = w r (1 + d2), |d1|, |d2| < u, so |t - x| < 2.0001 u |x|.
 //  2. e is exact: w is a multiple of ulp(w), t*s of ulp(t) 2^e; |w - t s| = s |x - t| is below
-//     2.0001 u |w| < 4 ulp(w) and below 2.0001 m |x| 2^-1 ulp(t) 2^e / 2^E_t < 2^13 ulp(t) 2^e, so
-//     it is a small integer multiple of the finer of the two grids (and not subnormal: |w| >= s/4
-//     >= 2^-19 here): the fma's single rounding is exact.
+//     2.0001 u |w| < 4 ulp(w), and (as |x| < 2^(E_t+1) (1 + 3u)) below 2.0001 u |x| m 2^e
+//     < 2.001 m ulp(t) 2^e < 2^13 ulp(t) 2^e, so it is a small integer multiple of the finer of
+//     the two grids (which is not below 2^-149: |w| >= s/4 >= 2^-19 here): the fma's single
+//     rounding is exact.
 //  3. The fma for y rounds z = t + e r = t + (x - t)(1 + d1) = x + (x - t) d1 once, and
 //     |z - x| < 2.0001 u^2 |x| < 2^-47 |x|.
 //  4. RN(z) == RN(x) unless a rounding boundary (a midpoint between two floats) lies between x and
@@ -58,8 +59,9 @@ namespace qgrid {
 // are what they always were.
 //
 // The same quotient divides amax by 7 in stored_scale: 7 = 7 * 2^0 has m = 7 < 2^11, amax is an
-// f32, and amax / 7 >= 1e-5 where it matters (below, the max with 1e-5 takes over: |y - x| is
-// within a few ulps there). An infinite amax keeps the IEEE result, +Inf.
+// f32, and amax / 7 >= 1e-5 where it matters (there amax >= 7e-5 is a normal number, all that
+// step 2 needs; below, the max with 1e-5 takes over). An infinite amax keeps the IEEE result,
+// +Inf. tests/cpu_quant_exact.rs checks every non-negative f32 amax.
 constexpr float kRound8 = 12582920.0f; // 1.5 * 2^23 + 8, bits 0x4B400008
 constexpr float kInv7 = 1.0f / 7.0f;   // RN(1/7), 0x3E124925
 constexpr float kMaxFinite = 3.40282347e38f; // FLT_MAX: x <= kMaxFinite is false for NaN and +-Inf
