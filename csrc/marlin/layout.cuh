@@ -245,103 +245,274 @@ __device__ __forceinline__ void permute_scales(const LowbitMarlinLayoutScalesPar
     }
 }
 
-// Eight weights as loaded (16 bytes of a 16-bit type, 32 bytes of f32), widened only when used.
-template <typename T> struct Raw8 { uint4 a; };
-template <> struct Raw8<float> { uint4 a, b; };
-
-template <typename T>
-__device__ __forceinline__ void load_raw(const T *p, Raw8<T> &r) {
-    r.a = __ldg(reinterpret_cast<const uint4 *>(p));
-}
-template <>
-__device__ __forceinline__ void load_raw<float>(const float *p, Raw8<float> &r) {
-    r.a = __ldg(reinterpret_cast<const uint4 *>(p));
-    r.b = __ldg(reinterpret_cast<const uint4 *>(p) + 1);
-}
-template <typename T>
-__device__ __forceinline__ void unpack_raw(const Raw8<T> &r, float v[8]) {
-    const T *e = reinterpret_cast<const T *>(&r.a);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = Num<T>::to_f32(e[i]);
-}
-template <>
-__device__ __forceinline__ void unpack_raw<float>(const Raw8<float> &r, float v[8]) {
-    v[0] = __uint_as_float(r.a.x); v[1] = __uint_as_float(r.a.y);
-    v[2] = __uint_as_float(r.a.z); v[3] = __uint_as_float(r.a.w);
-    v[4] = __uint_as_float(r.b.x); v[5] = __uint_as_float(r.b.y);
-    v[6] = __uint_as_float(r.b.z); v[7] = __uint_as_float(r.b.w);
-}
-
 // ---------------------------------------------------------------------------------------------
-// One-pass weight sync. 256 threads; each thread owns four 8-element chunks of the 64 x 128
-// strip: chunk q = tid + 256 m covers row q / 16, K-columns 8 (q % 16) .. + 8. A half-warp reads
-// 128 contiguous K-columns of one row; the g/8 lanes of a group reduce amax with shuffles.
-template <typename T, typename S, bool INLINE_SCALES>
+// One-pass weight sync, built in registers (issue 9). A unit is one 64-column Marlin tile `nt`
+// times a strip of up to 128 K-rows (8 Marlin row tiles) of one matrix. The 256 threads are 8 row
+// tiles x 32 column pairs: lane bits 0..2 are the row tile kb (K-rows k0 + 16 kb .. + 16), and
+// warp w with lane bits 3..4 (call them j) own the two N-rows c = 16 j + w and c + 8 of the tile.
+// Those 2 x 16 weights are exactly the codes of Marlin words 4 i + j, i = 4 w + m (m = 0..3), of
+// row tile kb: DESIGN §3 with c = 16 j + i / 4 and r = 2 (i % 4) = 2 m, the code of K-row kk
+// (0..15) of row c (B = 0) or c + 8 (B = 1) is nibble 4 (kk & 1) + (kk >> 3) + 2 B of word
+// m = (kk & 7) / 2. So each thread quantizes straight into its four words: no shared memory, no
+// second pass. A half-warp's 8 row tiles of one N-row are 256 contiguous bytes of bf16 (the
+// group of g weights is g / 16 consecutive lanes, which reduce amax with shuffles), and the four
+// words of the 4 lanes with one kb are 16 contiguous bytes of the output.
+template <typename T> struct Row16 { uint4 q[sizeof(T)]; }; // 16 weights: 32 bytes (64 for f32)
+
+template <typename T>
+__device__ __forceinline__ void load_row16(const T *p, Row16<T> &r) {
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(T); ++i) r.q[i] = __ldg(reinterpret_cast<const uint4 *>(p) + i);
+}
+
+// Element kk (0..15) of a loaded row, widened to f32 (exact).
+template <typename T> __device__ __forceinline__ float row_elem(const Row16<T> &r, int kk);
+template <> __device__ __forceinline__ float row_elem<float>(const Row16<float> &r, int kk) {
+    const uint4 &x = r.q[kk >> 2];
+    const uint32_t b = (kk & 3) == 0 ? x.x : (kk & 3) == 1 ? x.y : (kk & 3) == 2 ? x.z : x.w;
+    return __uint_as_float(b);
+}
+__device__ __forceinline__ uint32_t row_word(const uint4 &x, int i) {
+    return i == 0 ? x.x : i == 1 ? x.y : i == 2 ? x.z : x.w;
+}
+template <> __device__ __forceinline__ float row_elem<__nv_bfloat16>(const Row16<__nv_bfloat16> &r, int kk) {
+    const uint32_t b = row_word(r.q[kk >> 3], (kk >> 1) & 3);
+    float f;
+    // bf16 -> f32 is a 16-bit shift (low half) or a mask (high half), written so that no extra
+    // register move appears.
+    if (kk & 1) {
+        asm("and.b32 %0, %1, 0xFFFF0000;" : "=f"(f) : "r"(b));
+    } else {
+        asm("shl.b32 %0, %1, 16;" : "=f"(f) : "r"(b));
+    }
+    return f;
+}
+template <> __device__ __forceinline__ float row_elem<__half>(const Row16<__half> &r, int kk) {
+    const uint32_t b = row_word(r.q[kk >> 3], (kk >> 1) & 3);
+    const unsigned short h = (kk & 1) ? (unsigned short)(b >> 16) : (unsigned short)(b & 0xFFFF);
+    return __half2float(__ushort_as_half(h));
+}
+
+// The codes of one N-row's 16 weights, as floats whose low byte is u = q + 8 (the rest of the bits
+// are don't-care). FAST: the division-free rounding of lowbit_int4.cuh (its precondition holds:
+// see the caller); otherwise quant_code, the division.
+template <bool FAST>
+__device__ __forceinline__ void code_row16(const float v[16], float sf, float r, float ns, float a[16]) {
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+        if (FAST) {
+            a[kk] = qgrid::round8(qgrid::quotient(v[kk], ns, r)); // bits 0x4B400000 + u
+        } else {
+            bool clipped;
+            const uint32_t u = (uint32_t)(qgrid::quant_code(v[kk], sf, &clipped) + LOWBIT_QZERO);
+            // (an f32-typed register, like the fast path's, so the two paths merge without moves)
+            asm("mov.b32 %0, %1;" : "=f"(a[kk]) : "r"(u));
+        }
+    }
+}
+
+// A row's 16 codes as 8 byte pairs (so that only 8 registers stay live while the other row is
+// quantized): pr[m] = bytes (K-row 2m, 2m+1), pr[4 + m] = (2m+8, 2m+9), m = 0..3.
+__device__ __forceinline__ void code_pairs(const float a[16], uint32_t pr[8]) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(pr[m]) : "f"(a[2 * m]), "f"(a[2 * m + 1]));
+        asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(pr[4 + m]) : "f"(a[2 * m + 8]), "f"(a[2 * m + 9]));
+    }
+}
+
+// The thread's four Marlin words from the code pairs of rows c (pa) and c + 8 (pb): word m holds,
+// in nibbles 0..7, K-rows 2m (c), 2m+8 (c), 2m (c+8), 2m+8 (c+8), 2m+1 (c), 2m+9 (c), 2m+1 (c+8),
+// 2m+9 (c+8): the even nibbles are the low halves of the bytes of x = (2m c, 2m c+8, 2m+1 c,
+// 2m+1 c+8), the odd ones of y (the same for 2m+8, 2m+9), and word = x + 16 y (no carries: every
+// byte of x and y is below 16).
+__device__ __forceinline__ void marlin_words(const uint32_t pa[8], const uint32_t pb[8], uint32_t words[4]) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        uint32_t x, y;
+        asm("prmt.b32 %0, %1, %2, 0x5140;" : "=r"(x) : "r"(pa[m]), "r"(pb[m]));
+        asm("prmt.b32 %0, %1, %2, 0x5140;" : "=r"(y) : "r"(pa[4 + m]), "r"(pb[4 + m]));
+        asm("mad.lo.u32 %0, %1, 16, %2;" : "=r"(words[m]) : "r"(y), "r"(x));
+    }
+}
+
+// Reports the first non-finite weight of a row of 16 (flat index e0 + kk).
+__device__ __forceinline__ void report_nonfinite16(unsigned long long *status, const float v[16], long long e0) {
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+        if (!isfinite(v[kk])) {
+            report(status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(e0 + kk));
+            break;
+        }
+    }
+}
+
+// max |v| over a row of 16, NaN-propagating (a NaN or an Inf anywhere shows): for 16-bit weights
+// on the packed pairs (the max of bf16/f16 magnitudes is exact in the narrow type), then widened.
+template <typename T>
+__device__ __forceinline__ float row_absmax_nan(const Row16<T> &r, const float v[16]) {
+    float m = fabsf(v[0]);
+#pragma unroll
+    for (int kk = 1; kk < 16; ++kk) m = qgrid::max_abs_nan(m, v[kk]);
+    return m;
+}
+template <typename T>
+__device__ __forceinline__ float row_absmax_nan16(const Row16<T> &r) {
+    uint32_t x[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = row_word(r.q[i >> 2], i & 3) & 0x7FFF7FFFu;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = qgrid::max2_nan<T>(x[i], x[i + 4]);
+    x[0] = qgrid::max2_nan<T>(x[0], x[2]);
+    x[1] = qgrid::max2_nan<T>(x[1], x[3]);
+    x[0] = qgrid::max2_nan<T>(x[0], x[1]);
+    Row16<T> one{};
+    one.q[0].x = x[0];
+    return qgrid::max_abs_nan(row_elem<T>(one, 0), row_elem<T>(one, 1));
+}
+template <>
+__device__ __forceinline__ float row_absmax_nan<__nv_bfloat16>(const Row16<__nv_bfloat16> &r, const float *) {
+    return row_absmax_nan16<__nv_bfloat16>(r);
+}
+template <>
+__device__ __forceinline__ float row_absmax_nan<__half>(const Row16<__half> &r, const float *) {
+    return row_absmax_nan16<__half>(r);
+}
+
+// Butterfly max over WIDTH aligned lanes (NaN-dropping, as fmaxf). Every lane must call it.
+template <int WIDTH>
+__device__ __forceinline__ float lanes_max(float x) {
+    if constexpr (WIDTH > 1) {
+        float y;
+        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=f"(y) : "f"(x), "n"(WIDTH / 2));
+        return lanes_max<WIDTH / 2>(fmaxf(x, y));
+    } else {
+        return x;
+    }
+}
+
+// WIDTH = g / 16 lanes per group (g = 32, 64, 128) computes the scales inline; WIDTH = 0 reads the
+// scales the row-scale pass wrote (channelwise).
+template <typename T, typename S, int WIDTH>
 __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
-    __shared__ uint32_t sm[kStripWords][kTileN];
-    const long long k = p.k, n = p.n, g = p.group, groups = k / g;
+    constexpr bool INLINE_SCALES = WIDTH > 0;
+    const long long k = p.k, n = p.n, g = INLINE_SCALES ? 16 * WIDTH : p.group, groups = k / g;
     const bool cw = p.channelwise != 0;
-    const int width = INLINE_SCALES ? (int)(g / 8) : 1;
     const T *w = reinterpret_cast<const T *>(p.w);
     S *scales = reinterpret_cast<S *>(p.scales);
+    const int lane = threadIdx.x & 31, kb = lane & 7;
+    const int c = 16 * (lane >> 3) + (threadIdx.x >> 5); // N-row of the tile; the other is c + 8
+    const int dest_a = (int)scale_dest(c, cw), dest_b = (int)scale_dest(c + 8, cw);
+    // Each block takes a contiguous range of units (unit_of's order: strips of one column tile,
+    // then the next tile, then the next matrix) and steps through it without dividing.
+    const long long ntiles = n / kTileN;
     const long long units = unit_count(p.batch, k, n);
-    for (long long u = blockIdx.x; u < units; u += gridDim.x) {
-        const Unit x = unit_of(u, k, n);
-        // Issue all four 16-byte (32 for f32) loads first; keep them packed until used so
-        // the registers stay low and more bytes are in flight per SM.
-        Raw8<T> raw[4];
-        bool active[4];
+    const long long per = (units + gridDim.x - 1) / gridDim.x;
+    long long u = (long long)blockIdx.x * per;
+    const long long u_end = min(u + per, units);
+    if (u >= u_end) return;
+    Unit x = unit_of(u, k, n);
+    for (; u < u_end; ++u) {
+        const bool active = 16 * kb < x.rows;
+        const long long row_a = x.b * n + x.nt * kTileN + c; // batch-flattened weight rows
+        const long long col = x.k0 + 16 * kb;
+        // Inactive lanes (a strip shorter than 128) read the strip's first K-rows instead, so every
+        // lane loads unconditionally; their values only enter the amax as 0.
+        const T *src = w + row_a * k + (active ? col : x.k0);
+        Row16<T> raw[2];
+        load_row16<T>(src, raw[0]);
+        load_row16<T>(src + 8 * k, raw[1]);
+        float va[16], vb[16];
 #pragma unroll
-        for (int m = 0; m < 4; ++m) {
-            const int q = threadIdx.x + kLayoutThreads * m;
-            const int row = q >> 4, ch = q & 15;
-            active[m] = 8 * ch < x.rows;
-            if (active[m]) {
-                load_raw<T>(w + (x.b * n + x.nt * kTileN + row) * k + x.k0 + 8 * ch, raw[m]);
+        for (int kk = 0; kk < 16; ++kk) {
+            va[kk] = row_elem<T>(raw[0], kk);
+            vb[kk] = row_elem<T>(raw[1], kk);
+        }
+        float ma = row_absmax_nan<T>(raw[0], va), mb = row_absmax_nan<T>(raw[1], vb);
+        const bool ok_a = ma <= qgrid::kMaxFinite, ok_b = mb <= qgrid::kMaxFinite; // false for NaN, Inf
+        if (active && !ok_a) report_nonfinite16(p.status, va, row_a * k + col);
+        if (active && !ok_b) report_nonfinite16(p.status, vb, (row_a + 8) * k + col);
+        // Scale positions: GPTQ order f = gi n + 64 nt + c; as n and 64 nt are multiples of 64,
+        // scale_dest(f) = (gi n + 64 nt) + scale_dest(c) (dest_a / dest_b, per thread).
+        S *sc = scales + x.b * groups * n + (col / g) * n + x.nt * kTileN;
+        float sa = 1.0f, sb = 1.0f;
+        if constexpr (INLINE_SCALES) {
+            // The group's amax ignores NaNs (fmaxf), as it always did: recompute a NaN row so.
+            if (ma != ma) {
+                ma = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < 16; ++kk) ma = fmaxf(ma, fabsf(va[kk]));
+            }
+            if (mb != mb) {
+                mb = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < 16; ++kk) mb = fmaxf(mb, fabsf(vb[kk]));
+            }
+            ma = lanes_max<WIDTH>(active ? ma : 0.0f); // uniform: every lane of the warp takes part
+            mb = lanes_max<WIDTH>(active ? mb : 0.0f);
+            S st_a, st_b;
+            sa = qgrid::stored_scale<S>(ma, &st_a);
+            sb = qgrid::stored_scale<S>(mb, &st_b);
+            if (active && kb % WIDTH == 0) {
+                const long long gi = col / g;
+                if (!(sa <= qgrid::kMaxFinite))
+                    report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(row_a * groups + gi));
+                if (!(sb <= qgrid::kMaxFinite))
+                    report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)((row_a + 8) * groups + gi));
+                sc[dest_a] = st_a;
+                sc[dest_b] = st_b;
+            }
+        } else if (active) {
+            sa = Num<S>::to_f32(sc[dest_a]);
+            sb = Num<S>::to_f32(sc[dest_b]);
+        }
+        if (active) {
+            // Fast path: finite weights and a finite scale made from their group's amax (inline:
+            // just above; staged: by the row-scale pass over the same weights).
+            const float ra = qgrid::recip(sa), rb = qgrid::recip(sb);
+            float ca[16], cb[16];
+            uint32_t pa[8], pb[8];
+            if (ok_a && sa <= qgrid::kMaxFinite) {
+                code_row16<true>(va, sa, ra, -sa, ca);
             } else {
-                raw[m] = Raw8<T>{};
+                code_row16<false>(va, sa, ra, -sa, ca);
+            }
+            code_pairs(ca, pa);
+            if (ok_b && sb <= qgrid::kMaxFinite) {
+                code_row16<true>(vb, sb, rb, -sb, cb);
+            } else {
+                code_row16<false>(vb, sb, rb, -sb, cb);
+            }
+            code_pairs(cb, pb);
+            uint32_t words[4];
+            marlin_words(pa, pb, words);
+            int32_t *out = p.qweight + x.b * (k / 16) * (2 * n) + (x.k0 / kTileK + kb) * (2 * n) +
+                           (long long)kTileWords * x.nt + 16 * (threadIdx.x >> 5) + (lane >> 3);
+#pragma unroll
+            for (int m = 0; m < 4; ++m) out[4 * m] = (int32_t)words[m];
+        }
+        // Next unit: the next strip, else the next column tile, else the next matrix.
+        x.k0 += kStripK;
+        if (x.k0 >= k) {
+            x.k0 = 0;
+            if (++x.nt == ntiles) {
+                x.nt = 0;
+                ++x.b;
             }
         }
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-            const int q = threadIdx.x + kLayoutThreads * m;
-            const int row = q >> 4, ch = q & 15;
-            const long long nrow = x.b * n + x.nt * kTileN + row; // batch-flattened weight row
-            const long long col = x.k0 + 8 * ch;
-            float v[8];
-            unpack_raw<T>(raw[m], v);
-            float sf;
-            if (INLINE_SCALES) {
-                float amax = 0.0f;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[e]));
-                amax = group_max(amax, width); // uniform: every lane of the warp takes part
-                if (!active[m]) continue;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    if (!isfinite(v[e])) {
-                        report(p.status, LOWBIT_STATUS_NONFINITE, (unsigned long long)(nrow * k + col + e));
-                        break;
-                    }
-                }
-                S stored;
-                sf = qgrid::stored_scale<S>(amax, &stored);
-                if (ch % width == 0) {
-                    const long long gi = col / g;
-                    if (!isfinite(sf)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)(nrow * groups + gi));
-                    const long long f = gi * n + x.nt * kTileN + row; // GPTQ order within the matrix
-                    scales[x.b * groups * n + scale_dest(f, cw)] = stored;
-                }
-            } else {
-                if (!active[m]) continue;
-                const long long f = (col / g) * n + x.nt * kTileN + row;
-                sf = Num<S>::to_f32(scales[x.b * groups * n + scale_dest(f, cw)]);
-            }
-            sm[ch][sw(ch, row)] = qgrid::quant_word(v, sf);
-        }
-        __syncthreads();
-        emit_marlin(sm, x, p.qweight, k, n);
-        __syncthreads();
+        x.rows = (int)min((long long)kStripK, k - x.k0);
+    }
+}
+
+// The inline kernels: one instance per group size (the lane width of the amax reduction).
+template <typename T, typename S>
+__device__ __forceinline__ void sync_inline(const LowbitMarlinSyncParams &p) {
+    if (p.group == 32) {
+        sync_quantize<T, S, 2>(p);
+    } else if (p.group == 64) {
+        sync_quantize<T, S, 4>(p);
+    } else {
+        sync_quantize<T, S, 8>(p);
     }
 }
 
@@ -412,42 +583,45 @@ extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_unpermute_scales
 }
 
 // Weight sync: lowbit_marlin_sync_<inline|staged>_<weight dtype>_<scale dtype>, and the row-scale
-// pre-pass lowbit_marlin_sync_scales_<weight dtype>_<scale dtype> for the staged path.
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, true>(p);
+// pre-pass lowbit_marlin_sync_scales_<weight dtype>_<scale dtype> for the staged path. The inline
+// kernels are bounded to 3 CTAs per SM (80 registers): 4 would cap them at 64 and spill ~100 bytes;
+// 3 x 256 threads with 64 bytes (bf16/f16) or 128 bytes (f32) of loads each issued up front is
+// still 48-96 KB in flight per SM.
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_bf16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_inline<__nv_bfloat16, __nv_bfloat16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_bf16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, true>(p);
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_bf16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_inline<__nv_bfloat16, __half>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, true>(p);
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f16_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_inline<__half, __nv_bfloat16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __half, true>(p);
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f16_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_inline<__half, __half>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __nv_bfloat16, true>(p);
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f32_bf16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_inline<float, __nv_bfloat16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) lowbit_marlin_sync_inline_f32_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __half, true>(p);
+extern "C" __global__ void __launch_bounds__(256, 3) lowbit_marlin_sync_inline_f32_f16(const LowbitMarlinSyncParams p) {
+    lowbit::marlin::sync_inline<float, __half>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, false>(p);
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __nv_bfloat16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_bf16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, false>(p);
+    lowbit::marlin::sync_quantize<__nv_bfloat16, __half, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f16_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, false>(p);
+    lowbit::marlin::sync_quantize<__half, __nv_bfloat16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f16_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<__half, __half, false>(p);
+    lowbit::marlin::sync_quantize<__half, __half, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f32_bf16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __nv_bfloat16, false>(p);
+    lowbit::marlin::sync_quantize<float, __nv_bfloat16, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_staged_f32_f16(const LowbitMarlinSyncParams p) {
-    lowbit::marlin::sync_quantize<float, __half, false>(p);
+    lowbit::marlin::sync_quantize<float, __half, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_sync_scales_bf16_bf16(const LowbitMarlinSyncParams p) {
     lowbit::marlin::sync_group_scales<__nv_bfloat16, __nv_bfloat16>(p);

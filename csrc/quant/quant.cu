@@ -5,7 +5,9 @@
 // The math is DESIGN §3, evaluated exactly as the CPU reference does it:
 //   amax = max |w| over the group (f32); s32 = max(amax / 7, 1e-5); s = S(s32) (round to nearest
 //   even); q = clamp(rint(w / f32(s)), -7, 7); dequant = T(q * f32(s)).
-// Division is IEEE round-to-nearest (nvcc's default -prec-div=true; never build with fast math).
+// The divisions are computed without dividing, exactly (csrc/common/lowbit_int4.cuh: the
+// fma-corrected quotient; proven there and exhaustively tested in tests/cpu_quant_exact.rs); a
+// chunk with a non-finite weight or scale takes the plain division. Never build with fast math.
 
 #include "lowbit.h"
 #include "lowbit_common.cuh"
@@ -18,23 +20,38 @@ using qgrid::quant_code;
 using qgrid::stored_scale;
 
 // Quantizes (or masks the gradient of) one chunk of 8 consecutive elements whose group scale
-// is known. `e` is the flat element index of the chunk's first element.
+// is known. `e` is the flat element index of the chunk's first element. `fast`: the weights and
+// the scale are finite and the scale was made from an amax covering them (the precondition of the
+// division-free rounding: |w / s| < 7.02, so nothing is clipped).
 template <typename T, typename S, bool BWD>
-__device__ __forceinline__ void finish_chunk(const LowbitQuantParams &p, long long e, const float v[8], float sf) {
+__device__ __forceinline__ void finish_chunk(const LowbitQuantParams &p, long long e, const float v[8], float sf,
+                                             bool fast) {
     float o[8];
     uint32_t word = 0;
     if (BWD) {
         load8<T>(reinterpret_cast<const T *>(p.grad_in) + e, o);
     }
+    if (fast) {
+        const float r = qgrid::recip(sf), ns = -sf;
+        float a[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        bool clipped;
-        const int q = quant_code(v[i], sf, &clipped);
-        word |= (uint32_t)(q + LOWBIT_QZERO) << (4 * i);
-        if (BWD) {
-            if (clipped) o[i] = 0.0f;
-        } else {
-            o[i] = (float)q * sf; // exact in f32: |q| <= 7 times an 8- or 11-bit significand
+        for (int i = 0; i < 8; ++i) {
+            a[i] = qgrid::round8(qgrid::quotient(v[i], ns, r));
+            // q = a - kRound8 exactly (both in [2^23, 2^24)); never clipped here.
+            if (!BWD) o[i] = __fsub_rn(a[i], qgrid::kRound8) * sf;
+        }
+        word = qgrid::pack8(a);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            bool clipped;
+            const int q = quant_code(v[i], sf, &clipped);
+            word |= (uint32_t)(q + LOWBIT_QZERO) << (4 * i);
+            if (BWD) {
+                if (clipped) o[i] = 0.0f;
+            } else {
+                o[i] = (float)q * sf; // exact in f32: |q| <= 7 times an 8- or 11-bit significand
+            }
         }
     }
     if (p.out != nullptr) store8<T>(reinterpret_cast<T *>(p.out) + e, o);
@@ -69,12 +86,18 @@ __device__ __forceinline__ void quant_grouped(const LowbitQuantParams &p) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[i] = 0.0f;
         }
-        float amax = 0.0f;
+        // NaN-propagating chunk max: finite exactly when the chunk is. The group's amax ignores
+        // NaNs (fmaxf), as it always did, so a NaN chunk is recomputed so.
+        float amax = qgrid::absmax8_nan(v);
+        const bool ok = amax <= qgrid::kMaxFinite;
+        if (amax != amax) {
+            amax = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+            for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+        }
         amax = group_max(amax, width);
         if (!active) continue;
-        check_finite(p, c * 8, v);
+        if (!ok) check_finite(p, c * 8, v);
         S stored;
         const float sf = stored_scale<S>(amax, &stored);
         const long long group = (c * 8) / p.group;
@@ -82,7 +105,7 @@ __device__ __forceinline__ void quant_grouped(const LowbitQuantParams &p) {
             if (!isfinite(sf)) report_min(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)group);
             if (!BWD && p.scales != nullptr) reinterpret_cast<S *>(p.scales)[group] = stored;
         }
-        finish_chunk<T, S, BWD>(p, c * 8, v, sf);
+        finish_chunk<T, S, BWD>(p, c * 8, v, sf, ok && sf <= qgrid::kMaxFinite);
     }
 }
 
@@ -112,7 +135,8 @@ __device__ __forceinline__ void quant_rowwise(const LowbitQuantParams &p) {
         for (long long c = threadIdx.x; c < chunks; c += blockDim.x) {
             float v[8];
             load8<T>(reinterpret_cast<const T *>(p.w) + e0 + c * 8, v);
-            finish_chunk<T, S, BWD>(p, e0 + c * 8, v, sf);
+            const bool ok = qgrid::absmax8_nan(v) <= qgrid::kMaxFinite;
+            finish_chunk<T, S, BWD>(p, e0 + c * 8, v, sf, ok && sf <= qgrid::kMaxFinite);
         }
     }
 }

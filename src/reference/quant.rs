@@ -27,6 +27,7 @@ pub fn group_scale<S: ScaleFloat>(amax: f32) -> S {
 }
 
 /// The code of `w` under stored scale `s`, and whether it was clipped to the grid.
+#[inline]
 pub fn code(w: f32, s: f32) -> (i8, bool) {
     let q = (w / s).round_ties_even();
     let clipped = !(q >= -(QMAX as f32) && q <= QMAX as f32);
