@@ -729,9 +729,13 @@ pub fn marlin_gemm_into<T: Half>(
     let mut gathered = None;
     if let Some(perm) = weights.perm() {
         let mut buf = T::gather_buffer(workspace).take();
-        gather_slot(dev, &mut buf, m * geom.k)?;
-        if let Some(g) = buf.as_mut() {
-            gather_columns(dev, OP, x, m, lda, geom.k, perm, g)?;
+        let r = gather_slot(dev, &mut buf, m * geom.k).and_then(|()| match buf.as_mut() {
+            Some(g) => gather_columns(dev, OP, x, m, lda, geom.k, perm, g),
+            None => Err(Error::invalid(OP, "the workspace could not be reserved")),
+        });
+        if let Err(e) = r {
+            *T::gather_buffer(workspace) = buf; // keep a reserved buffer across a failed call
+            return Err(e);
         }
         gathered = buf;
     }
