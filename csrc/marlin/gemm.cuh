@@ -82,6 +82,8 @@ constexpr int kWarps = kThreads / 32;
 // L2::evict_first on the weight stream (see load_stage's setup in gemm()).
 constexpr bool kWeightsEvictFirst = true;
 
+template <bool V> struct BoolTag { static constexpr bool value = V; };
+
 // ---- 16-bit type traits: the exponent-trick constants and the mma instruction ----------------
 template <typename T> struct Half16;
 
@@ -553,10 +555,12 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
         if (s_copy && !s_ok) st_shared_zero16(sc_dst + slot * S_BYTES);
     }
 
-    auto load_stage = [&](int slot) {
+    // `full`: BoolTag<true> when every B copy of the block is in range (the column block lies
+    // inside N), so the copies need no predicate.
+    auto load_stage = [&](int slot, auto full) {
 #pragma unroll
         for (int i = 0; i < B_ITERS; ++i) {
-            if (b_ok[i]) {
+            if (decltype(full)::value || b_ok[i]) {
                 if constexpr (kWeightsEvictFirst)
                     cp_async16_hint(b_dst + slot * B_BYTES + i * 512, gB + 128 * i, 16, b_policy);
                 else
@@ -642,23 +646,44 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
 
     // ---- main loop: wait for stage i, prefetch stage i + STAGES - 1 into the slot freed by
     // i - 1. Unrolled over STAGES so that every slot offset is a compile-time constant. ----
+    auto pipeline = [&](auto full) {
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < n_it) load_stage(s);
-        cp_async_commit(); // always commit: group i is stage i
-    }
-#pragma unroll 1
-    for (int i0 = 0; i0 < n_it; i0 += STAGES) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            if (i0 + s >= n_it) break;
-            cp_async_wait<STAGES - 2>(); // groups 0..i complete (this thread's copies)
-            __syncthreads();             // ... and everyone's; slot (i-1) % STAGES is no longer read
-            if (i0 + s + STAGES - 1 < n_it) load_stage((s + STAGES - 1) % STAGES);
-            cp_async_commit();
-            compute(s);
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < n_it) load_stage(s, full);
+            cp_async_commit(); // always commit: group i is stage i
         }
-    }
+        // Steady state: every stage of the unrolled body and its prefetch exist (no bound checks).
+        int i0 = 0;
+#pragma unroll 1
+        for (; i0 + 2 * STAGES - 1 <= n_it; i0 += STAGES) {
+#pragma unroll
+            for (int s = 0; s < STAGES; ++s) {
+                cp_async_wait<STAGES - 2>(); // groups 0..i complete (this thread's copies)
+                __syncthreads();             // ... and everyone's; slot (i-1) % STAGES is no longer read
+                load_stage((s + STAGES - 1) % STAGES, full);
+                cp_async_commit();
+                compute(s);
+            }
+        }
+        // The last < 2 STAGES - 1 stages, checked; i0 is a multiple of STAGES.
+#pragma unroll 1
+        for (; i0 < n_it; i0 += STAGES) {
+#pragma unroll
+            for (int s = 0; s < STAGES; ++s) {
+                if (i0 + s >= n_it) break;
+                cp_async_wait<STAGES - 2>();
+                __syncthreads();
+                if (i0 + s + STAGES - 1 < n_it) load_stage((s + STAGES - 1) % STAGES, full);
+                cp_async_commit();
+                compute(s);
+            }
+        }
+    };
+    // Column blocks inside N (all of them when N % N_BLK == 0) run the copy loop unpredicated.
+    if ((nb + 1) * N_BLK <= N)
+        pipeline(BoolTag<true>{});
+    else
+        pipeline(BoolTag<false>{});
     cp_async_wait<0>();
     __syncthreads(); // the pipeline space is free: reuse it for the epilogue tile
 
