@@ -368,31 +368,8 @@ fn sim_record(
                 p.waves,
                 p.wave_factor
             ));
-        let mut o = Map::new();
-        for k in [
-            "kernel",
-            "grid",
-            "block",
-            "dynamic_smem",
-            "thread_instructions",
-            "warp_instructions",
-            "mma",
-            "by_class",
-            "global_load_bytes",
-            "global_store_bytes",
-            "global_load_sectors",
-            "global_store_sectors",
-            "global_unique_bytes_read",
-            "global_first_touch_bytes_read",
-            "shared_wavefronts",
-            "shared_requests",
-            "wall_ms",
-            "cpu_ms",
-        ] {
-            if let Some(v) = l.get(k) {
-                o.insert(k.into(), v.clone());
-            }
-        }
+        // Every counter of the profile line (docs/simulator.md lists them), plus the prediction.
+        let mut o = l.as_object().cloned().unwrap_or_default();
         o.insert(
             "predicted".into(),
             json!({
