@@ -139,7 +139,8 @@ fn moe_planner() {
             let p = plan_moe_gemm(bs, cap, n, k, 132).unwrap();
             assert!(p.m_blk() >= bs && p.m_blk() < bs + 16);
             assert_eq!(p.m_blocks, 37);
-            assert!(p.moe && p.ctas <= 37 * p.n_blocks && p.ctas <= 132 * ctas_per_sm(p.m_tiles));
+            assert!(p.moe && p.ctas == 132 * ctas_per_sm(p.m_tiles), "the grid does not depend on the capacity");
+            assert_eq!(p.ctas, plan_moe_gemm(bs, cap * 5, n, k, 132).unwrap().ctas);
             assert_eq!(p.workspace_partials(), 2 * p.ctas * p.m_blk() * p.block.n_blk());
             check_plan(&p, bs, n, k, 132);
             for dt in [DType::BF16, DType::F16] {

@@ -319,8 +319,10 @@ pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_
     let m_blocks = capacity / block_size;
     let block = block_shape(m_tiles, n, k);
     let n_blocks = n.div_ceil(block.n_blk());
-    let slots = sm_count.max(1) * ctas_per_sm(m_tiles);
-    let ctas = slots.min(m_blocks * n_blocks);
+    // One CTA per resident slot whatever the capacity: the tiles in use are counted on the
+    // device, so the grid (and with it the stream-K split and the result) does not depend on how
+    // large the routing buffers are.
+    let ctas = sm_count.max(1) * ctas_per_sm(m_tiles);
     let plan = GemmPlan { m_tiles, block, ctas, iters: k / block.k_blk(), m_blocks, n_blocks, moe: true };
     if plan.tiles() > i32::MAX as usize {
         return Err(Error::shape(OP, "too many routing blocks"));
@@ -382,10 +384,12 @@ impl MarlinWorkspace {
         if max_m == 0 {
             return Err(Error::shape(OP, "max_m must be at least 1"));
         }
-        // The needs grow with M for a fixed m-tile count; check the largest M of every count.
+        // For a fixed m-tile count the CTAs and tiles grow with M: the largest M of every count
+        // bounds them. Whether a plan cuts tiles is not monotone in M, so the pieces are sized
+        // as if every one of these plans did.
         for m in [16, 32, 48, 64, max_m] {
             let plan = plan_gemm(m.min(max_m), geom.n, geom.k, dev.info().sm_count)?;
-            self.reserve(dev, &plan)?;
+            self.grow(dev, 2 * plan.ctas * plan.m_blk() * plan.block.n_blk(), plan.tiles())?;
         }
         if weights.perm().is_some() {
             let len = max_m.checked_mul(geom.k).ok_or_else(|| Error::shape(OP, "max_m·K overflows"))?;
@@ -410,6 +414,11 @@ impl MarlinWorkspace {
 
     /// Makes room for `plan` on `dev`.
     pub fn reserve(&mut self, dev: &Device, plan: &GemmPlan) -> Result<()> {
+        self.grow(dev, plan.workspace_partials(), plan.workspace_counters())
+    }
+
+    /// Grows the stream-K pieces to `need_p` f32 and the counters to `need_c` entries.
+    fn grow(&mut self, dev: &Device, need_p: usize, need_c: usize) -> Result<()> {
         const OP: &str = "MarlinWorkspace::reserve";
         if let Some(p) = &self.partials {
             dev.check_buffer(OP, "workspace", p, p.len())?;
@@ -417,14 +426,13 @@ impl MarlinWorkspace {
         if let Some(c) = &self.counters {
             dev.check_buffer(OP, "workspace", c, c.len())?;
         }
-        let need_p = plan.workspace_partials();
         if need_p > 0 && self.partials.as_ref().is_none_or(|p| p.len() < need_p) {
-            self.partials = None; // free first so the peak stays one buffer
-                                  // SAFETY: a piece is always written (by its CTA) before the last piece of its tile
-                                  // reads it, in the same launch: the kernel never reads a slot it did not write.
+            // Free first so the peak stays one buffer.
+            self.partials = None;
+            // SAFETY: a piece is always written (by its CTA) before the last piece of its tile
+            // reads it, in the same launch: the kernel never reads a slot it did not write.
             self.partials = Some(unsafe { dev.alloc_for_kernel::<f32>(need_p)? });
         }
-        let need_c = plan.workspace_counters();
         if need_c > 0 && self.counters.as_ref().is_none_or(|c| c.len() < need_c) {
             self.counters = None;
             // The kernel relies on zero counters between launches (and leaves them zero).
@@ -611,8 +619,12 @@ fn launch_gemm<T: Half>(
     unsafe { dev.launch(&func, cfg, params) }
 }
 
-/// A gather buffer of at least `len` elements in `slot` (grown, never shrunk).
-fn gather_slot<T: Half>(dev: &Device, slot: &mut Option<CudaSlice<T>>, len: usize) -> Result<()> {
+/// The gather buffer in `slot`, grown (never shrunk) to at least `len` elements.
+fn gather_slot<'a, T: Half>(
+    dev: &Device,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>> {
     if let Some(g) = slot.as_ref() {
         dev.check_buffer("MarlinWorkspace", "workspace", g, g.len())?;
     }
@@ -621,7 +633,7 @@ fn gather_slot<T: Half>(dev: &Device, slot: &mut Option<CudaSlice<T>>, len: usiz
         // SAFETY: every use gathers its m·K elements into the buffer before the GEMM reads them.
         *slot = Some(unsafe { dev.alloc_for_kernel::<T>(len)? });
     }
-    Ok(())
+    slot.as_mut().ok_or_else(|| Error::invalid("MarlinWorkspace", "the gather buffer could not be reserved"))
 }
 
 /// Gathers activation columns by the act-order `perm`: `dst[r, j] = x[r·lda + perm[j]]` into
@@ -725,29 +737,22 @@ pub fn marlin_gemm_into<T: Half>(
     let out_len = m.checked_mul(geom.n).ok_or_else(|| Error::shape(OP, "M·N overflows"))?;
     dev.check_buffer(OP, "out", out, out_len)?;
     let plan = plan_gemm(m, geom.n, geom.k, dev.info().sm_count)?;
-    // Act-order: gather into the workspace's buffer, taken out for the call and put back.
-    let mut gathered = None;
-    if let Some(perm) = weights.perm() {
-        let mut buf = T::gather_buffer(workspace).take();
-        let r = gather_slot(dev, &mut buf, m * geom.k).and_then(|()| match buf.as_mut() {
-            Some(g) => gather_columns(dev, OP, x, m, lda, geom.k, perm, g),
-            None => Err(Error::invalid(OP, "the workspace could not be reserved")),
-        });
-        if let Err(e) = r {
-            *T::gather_buffer(workspace) = buf; // keep a reserved buffer across a failed call
-            return Err(e);
-        }
-        gathered = buf;
-    }
-    let (a, lda) = match &gathered {
-        Some(g) => (g, geom.k),
-        None => (x, lda),
-    };
-    let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
-    let result = launch_gemm(dev, OP, &launch, &plan, out, workspace, None);
-    if gathered.is_some() {
-        *T::gather_buffer(workspace) = gathered;
-    }
+    // Act-order: gather into the workspace's buffer, taken out for the call (the launch borrows
+    // the rest of the workspace) and put back whatever the outcome.
+    let mut gathered = T::gather_buffer(workspace).take();
+    let result = (|| {
+        let (a, lda) = match weights.perm() {
+            Some(perm) => {
+                let g = gather_slot(dev, &mut gathered, m * geom.k)?;
+                gather_columns(dev, OP, x, m, lda, geom.k, perm, g)?;
+                (&*g, geom.k)
+            }
+            None => (x, lda),
+        };
+        let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
+        launch_gemm(dev, OP, &launch, &plan, out, workspace, None)
+    })();
+    *T::gather_buffer(workspace) = gathered;
     result
 }
 
