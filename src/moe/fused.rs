@@ -55,7 +55,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 
 use cudarc::driver::CudaSlice;
 
@@ -112,17 +112,16 @@ impl Default for MoeOptions {
 /// workspace. Create one per stream, [`reserve`](MoeWorkspace::reserve) it for the largest call,
 /// and pass it to every call.
 ///
-/// The alignment outputs are kept per token-count bucket (the next power of two) and block size:
-/// the MoE GEMM plans over the routing blocks of its whole `sorted_token_ids` buffer (its tile
-/// count, persistent grid up to the device's CTA slots and stream-K workspace; the kernel works
-/// only on the used prefix, `num_tokens_post_padded`), so one buffer sized for the largest call
-/// would plan every decode step like the largest batch; a bucket keeps the plan within about
-/// twice the problem's own bound. Buffers are never reallocated once made, so their addresses
-/// stay valid for CUDA graphs captured earlier.
+/// The alignment outputs are kept per block size, sized for the largest call that uses it: the
+/// MoE GEMM works only on the used prefix (`num_tokens_post_padded`, read on the device) and its
+/// grid does not depend on the buffer's capacity, so a larger buffer changes neither the work nor
+/// the result. After [`MoeWorkspace::reserve`] they are never reallocated by calls within it, so
+/// their addresses stay valid for CUDA graphs captured earlier.
 #[derive(Debug)]
 pub struct MoeWorkspace<T> {
     scratch: AlignScratch,
-    align: HashMap<(usize, usize), AlignBuffers>,
+    /// Alignment buffers by block size.
+    align: HashMap<usize, AlignBuffers>,
     gate_up: Option<CudaSlice<T>>,
     act: Option<CudaSlice<T>>,
     partial: Option<CudaSlice<T>>,
@@ -130,65 +129,30 @@ pub struct MoeWorkspace<T> {
     pending: PendingIds,
 }
 
-/// The `(capacity, block size)` of the alignment buffers a call of `tokens` uses: the bound of
-/// [`align_capacity`] at the next power of two of `tokens` (capped at the largest slot count any
-/// call may have, so every count of a bucket maps to the same buffer).
-fn align_key(tokens: usize, topk: usize, experts: usize, block_size: usize) -> (usize, usize) {
-    let bucket = tokens.checked_next_power_of_two().unwrap_or(usize::MAX);
-    let slots = bucket.saturating_mul(topk).min(MAX_SLOTS).max(tokens * topk);
-    (align_capacity(slots, experts, block_size), block_size)
-}
-
-/// Every `align_key` a call of 1..=`max_tokens` tokens maps to, with the largest token count that
-/// maps to it (`local` experts hold weights, `experts` is the routing's expert count; `block_size`
-/// the option). Buckets are powers of two; within one, [`choose_block_size`] is non-decreasing in
-/// the token count, so each block size covers a contiguous range of counts.
-fn reserve_keys(
-    max_tokens: usize,
-    topk: usize,
-    local: usize,
-    experts: usize,
-    block_size: Option<usize>,
-) -> Vec<((usize, usize), usize)> {
-    let bs_of = |t: usize| block_size.unwrap_or_else(|| choose_block_size(t, topk, local));
-    let mut keys = Vec::new();
-    let mut bucket = 1usize;
-    loop {
-        let (lo, hi) = (bucket / 2 + 1, bucket.min(max_tokens));
-        let mut top = hi;
-        // From the largest count down: the block size of `top`, then the largest count below the
-        // first count with that block size (binary search on the monotone choice).
-        loop {
-            let bs = bs_of(top);
-            // The same key for the whole bucket (and, after rounding, possibly for a smaller one).
-            let key = align_key(top, topk, experts, bs);
-            match keys.iter_mut().find(|k: &&mut ((usize, usize), usize)| k.0 == key) {
-                Some(k) => k.1 = k.1.max(top),
-                None => keys.push((key, top)),
-            }
-            let (mut a, mut b) = (lo, top); // smallest count in [lo, top] with block size bs
-            while a < b {
-                let mid = (a + b) / 2;
-                if bs_of(mid) == bs {
-                    b = mid;
-                } else {
-                    a = mid + 1;
-                }
-            }
-            if a == lo {
-                break;
-            }
-            top = a - 1;
-        }
-        if hi >= max_tokens {
-            return keys;
-        }
-        bucket *= 2;
+/// For every block size calls of 1..=`max_tokens` tokens use (`block_size`, or the heuristic
+/// over `local` experts), the largest token count that uses it.
+fn block_size_tops(max_tokens: usize, topk: usize, local: usize, block_size: Option<usize>) -> HashMap<usize, usize> {
+    let mut tops = HashMap::new();
+    for t in 1..=max_tokens {
+        tops.insert(block_size.unwrap_or_else(|| choose_block_size(t, topk, local)), t);
     }
+    tops
 }
 
-/// The largest slot count [`validate_align_args`] accepts.
-const MAX_SLOTS: usize = i32::MAX as usize / 2;
+/// The alignment buffers of block size `bs`, (re)made only when they hold fewer than `capacity`
+/// slots.
+fn align_buffers<'a>(
+    dev: &Device,
+    align: &'a mut HashMap<usize, AlignBuffers>,
+    capacity: usize,
+    bs: usize,
+) -> Result<&'a mut AlignBuffers> {
+    if align.get(&bs).is_none_or(|a| a.capacity < capacity) {
+        align.remove(&bs); // free first so the peak stays one buffer
+        align.insert(bs, AlignBuffers::new(dev, capacity, bs)?);
+    }
+    align.get_mut(&bs).ok_or_else(|| Error::invalid("fused_marlin_moe", "alignment buffers missing"))
+}
 
 impl<T: Half> MoeWorkspace<T> {
     /// An empty workspace; buffers are allocated on first use (or by [`MoeWorkspace::reserve`]).
@@ -224,11 +188,9 @@ impl<T: Half> MoeWorkspace<T> {
         let p = validate_shapes(OP, max_tokens, w13, w2, topk, expert_map, opts)?;
         dev.check_buffer(OP, "qweight", &w13.qweight, w13.qweight.len())?;
         let (e, local) = (p.global_experts, w13.num_experts());
-        let keys = reserve_keys(max_tokens, topk, local, e, opts.block_size);
-        for &(key, _) in &keys {
-            if let Entry::Vacant(v) = self.align.entry(key) {
-                v.insert(AlignBuffers::new(dev, key.0, key.1)?);
-            }
+        let tops = block_size_tops(max_tokens, topk, local, opts.block_size);
+        for (&bs, &tokens) in &tops {
+            align_buffers(dev, &mut self.align, align_capacity(tokens * topk, e, bs), bs)?;
         }
         // The two-kernel path's chunk scratch: within each round count of the chunk plan the chunk
         // count grows with the slots, so its maximum is at a round boundary or at the largest call.
@@ -248,7 +210,8 @@ impl<T: Half> MoeWorkspace<T> {
         dev.function(FAMILY, "lowbit_moe_align_scatter", 0)?;
         dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
         let sm = dev.info().sm_count;
-        for &((cap, bs), tokens) in &keys {
+        for (&bs, &tokens) in &tops {
+            let cap = self.align.get(&bs).map_or(0, |a| a.capacity);
             for w in [w13, w2] {
                 let plan = plan_moe_gemm(bs, cap, w.n(), w.k(), sm)?;
                 dev.function("marlin", &plan.kernel_name(T::DTYPE, true), plan.smem_bytes())?;
@@ -437,13 +400,9 @@ pub fn fused_marlin_moe_into<T: Half>(
     let slots = p.tokens * p.topk;
     let silu = dev.function(FAMILY, &format!("lowbit_moe_silu_mul_{}", T::DTYPE.name()), 0)?;
 
-    // 1. Alignment (buffers per token bucket and block size, reused; see MoeWorkspace).
-    let key = align_key(p.tokens, p.topk, p.global_experts, p.block_size);
+    // 1. Alignment (buffers per block size, grown only past what they hold; see MoeWorkspace).
     let MoeWorkspace { scratch, align, gate_up, act, partial, marlin, pending } = ws;
-    let align = match align.entry(key) {
-        Entry::Occupied(o) => o.into_mut(),
-        Entry::Vacant(v) => v.insert(AlignBuffers::new(dev, key.0, key.1)?),
-    };
+    let align = align_buffers(dev, align, align_capacity(slots, p.global_experts, p.block_size), p.block_size)?;
     at_least(dev, gate_up, slots * 2 * p.inter)?;
     at_least(dev, act, slots * p.inter)?;
     at_least(dev, partial, slots * p.hidden)?;
@@ -509,36 +468,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reserved_keys_cover_every_call() {
-        for (topk, local, experts) in [(1usize, 8usize, 8usize), (2, 8, 8), (8, 128, 128), (8, 96, 384), (6, 64, 64)] {
+    fn reserved_block_sizes_cover_every_call() {
+        for (topk, local) in [(1usize, 8usize), (2, 8), (8, 128), (8, 96), (6, 64)] {
             for block in [None, Some(16), Some(48)] {
                 for max_tokens in [1usize, 2, 3, 64, 100, 1000, 5000] {
-                    let keys = reserve_keys(max_tokens, topk, local, experts, block);
-                    assert!(keys.len() <= 5 * (max_tokens.ilog2() as usize + 1), "a few buffers per bucket");
-                    let mut largest = std::collections::HashMap::new();
+                    let tops = block_size_tops(max_tokens, topk, local, block);
+                    assert!(tops.len() <= MOE_BLOCK_SIZES.len());
                     for tokens in 1..=max_tokens {
                         let bs = block.unwrap_or_else(|| choose_block_size(tokens, topk, local));
-                        let key = align_key(tokens, topk, experts, bs);
-                        largest.insert(key, tokens);
-                        assert!(
-                            keys.iter().any(|k| k.0 == key),
-                            "tokens {tokens} of max {max_tokens}, topk {topk}, {block:?}"
-                        );
-                        // Within about twice the problem's own bound, and a multiple of the block.
-                        let exact = align_capacity(tokens * topk, experts, bs);
-                        assert!(key.0 >= exact && key.0 <= 2 * exact + bs && key.0 % bs == 0, "{key:?} vs {exact}");
-                    }
-                    // Each key once, with the largest count that uses it (reserve's warm-up call).
-                    assert_eq!(keys.len(), largest.len());
-                    for (key, top) in &keys {
-                        assert_eq!(largest.get(key), Some(top), "{key:?}");
+                        assert!(tops.get(&bs).is_some_and(|&top| top >= tokens), "tokens {tokens}, {block:?}");
                     }
                 }
             }
         }
-        // Near the slot limit the bucket is capped, not dropped.
-        let t = MAX_SLOTS / 3;
-        assert_eq!(align_key(t, 3, 64, 64), align_key(t - 1, 3, 64, 64));
-        assert!(align_key(t, 3, 64, 64).0 <= i32::MAX as usize);
     }
 }
