@@ -618,6 +618,83 @@ fn one_hot_probes_f16() {
     one_hot_sweep::<f16>(&dev);
 }
 
+/// The bf16 dequantisation over the whole scale range (`csrc/marlin/gemm.cuh` "Dequant<bf16>":
+/// one fma per weight pair whose power-of-two prescale `2^-j` follows the tensor's largest
+/// scale). One-hot X rows read every weight back, `T(q·s)` bit for bit, for scales with random
+/// full mantissas spread over many binades, zero and negative scales, all sixteen codes, and
+/// tensors whose largest scale is tiny, about 1, 2^40 or near the bf16 maximum (where `T(q·s)`
+/// overflows to ±inf in the reference and the GEMM alike). Each tensor spans at most the
+/// documented 2^120 below its largest scale.
+#[test]
+fn bf16_scale_range_probes() {
+    let dev = gpu_or_skip!();
+    let mut ws = MarlinWorkspace::new();
+    let mut rng = Rng::new(0x5ca1e);
+    let cases = [
+        (16, 128, 256, GroupSize::Group(32)),
+        (16, 256, 256, GroupSize::Group(128)),
+        (16, 128, 128, GroupSize::Channelwise),
+    ];
+    // Unbiased exponents lo..=hi of the scales.
+    for (lo, hi) in [(-120, -100), (-60, 0), (-40, 40), (20, 127), (-20, -20)] {
+        for &(m, n, k, gs) in &cases {
+            let shape = QuantShape::new(n, k, gs).unwrap();
+            let codes: Vec<i8> = (0..n * k).map(|_| rng.below(16) as i8 - 8).collect();
+            let scales: Vec<bf16> = (0..shape.scales_len())
+                .map(|i| {
+                    if i % 29 == 3 {
+                        return bf16::ZERO;
+                    }
+                    let e = (lo + rng.below((hi - lo + 1) as usize) as i32 + 127) as u16;
+                    let sign = if rng.below(4) == 0 { 0x8000 } else { 0 };
+                    bf16::from_bits(sign | (e << 7) | rng.below(128) as u16)
+                })
+                .collect();
+            let prob = Problem::<bf16>::from_codes(n, k, gs, false, &codes, scales, &mut rng);
+            let w = prob.weights(&dev);
+            let wm = prob.w_matrix();
+            for first in (0..k).step_by(m) {
+                let x = one_hot_rows(m, k, first);
+                let (y, plan) = run_rows(&dev, &w, &x, m, k, k, &mut ws);
+                let what = format!("scales 2^{lo}..2^{hi} one-hot X rows {first}.. {n}x{k} g={gs} {plan:?}");
+                common::assert_exact(&what, &y, &exact_ref(&x, m, k, &wm, n), n);
+            }
+        }
+    }
+}
+
+/// The weight sync keeps the bf16 GEMM's scale range in step with the scales it writes: the same
+/// buffers re-quantized (checked and unchecked) from weights 2^-90, 1 and 2^90 times as large
+/// still read back `T(q·s)` of the reference quantization bit for bit.
+#[test]
+fn bf16_weight_sync_updates_the_scale_range() {
+    use lowbit::marlin::sync::{quantize_to_marlin, quantize_to_marlin_into, quantize_to_marlin_into_unchecked};
+    let dev = gpu_or_skip!();
+    let mut ws = MarlinWorkspace::new();
+    let mut rng = Rng::new(0x5eed);
+    let (m, n, k) = (16, 128, 128);
+    let shape = QuantShape::new(n, k, GroupSize::Group(32)).unwrap();
+    let base: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
+    let scaled = |e: i32| -> Vec<bf16> { base.iter().map(|&v| bf16::from_f32(v * 2f32.powi(e))).collect() };
+    let mut w = quantize_to_marlin::<bf16, bf16>(&dev, &dev.htod(&scaled(0)).unwrap(), &shape).unwrap();
+    for (e, checked) in [(90, true), (-90, false), (0, true), (90, false)] {
+        let src = scaled(e);
+        let wd = dev.htod(&src).unwrap();
+        if checked {
+            quantize_to_marlin_into(&dev, &mut w, &wd).unwrap();
+        } else {
+            quantize_to_marlin_into_unchecked(&dev, &mut w, &wd).unwrap();
+        }
+        let (packed, scales) = lowbit::reference::quant::quantize_pack::<bf16, bf16>(&src, &shape).unwrap();
+        let wm = Problem { shape, packed, scales, g_idx: None }.w_matrix();
+        for first in (0..k).step_by(m) {
+            let x = one_hot_rows(m, k, first);
+            let (y, _) = run_rows(&dev, &w, &x, m, k, k, &mut ws);
+            common::assert_exact(&format!("weights x 2^{e}, rows {first}.."), &y, &exact_ref(&x, m, k, &wm, n), n);
+        }
+    }
+}
+
 /// Stream-K stress (kernel_review C2): the same stream-K GEMMs (tiles in 16 pieces; 8 pieces over
 /// two m-blocks) launched back to back give bit-identical outputs, equal to the exact reference. Seed-agnostic:
 /// on lowbit-sim run it under several schedules, e.g.

@@ -59,6 +59,15 @@ typedef struct LowbitMarlinSyncParams {
     int32_t pad_;
 } LowbitMarlinSyncParams;
 
+/* The largest biased exponent field ((bits >> 7) & 0xff, the bf16 layout) among `count` 16-bit
+ * scales, max-ed into *out (which the caller zeroes first): the bf16 GEMM's scale range
+ * (LowbitMarlinGemmParams::scale_exp). */
+typedef struct LowbitMarlinScaleExpParams {
+    const uint16_t *scales;
+    uint32_t *out;
+    int64_t count;
+} LowbitMarlinScaleExpParams;
+
 /* ---- Marlin W4A16 GEMM (csrc/marlin/gemm.cuh), dense and MoE ----
  * out[row, n] = sum_k A[src_row, k] * T(q[k, n] * s[group(k), n]), f32 accumulation, T output.
  * Weights: Marlin qweight [k/16, 2n] (MoE: [num_experts, k/16, 2n]), scales [k/group, n] in the
@@ -70,6 +79,10 @@ typedef struct LowbitMarlinGemmParams {
     const void *a;          /* activations (T): dense [m, lda]; MoE [m (= a_rows), k] (lda == k) */
     const int32_t *b;       /* Marlin qweight */
     const void *scales;     /* Marlin-permuted scales (T) */
+    const uint32_t *scale_exp; /* bf16: device scalar, the largest biased exponent field among the
+                                * scales (lowbit_marlin_scale_exp_b16 over all of them, MoE: every
+                                * expert); sets the fused dequantisation's range (gemm.cuh
+                                * "Dequant<bf16>"). Unused by f16 (may be null). */
     void *out;              /* dense [m, n]; MoE [out_rows, n] (T) */
     float *partials;        /* stream-K pieces [2 * gridDim.x, m_blk, n_blk] (2 slots per CTA), or null
                              * when no tile can be cut (every tile whole: tiles % gridDim.x == 0) */

@@ -31,10 +31,12 @@
 //                 reg1 = nibbles (1, 5)                             -> (word >> 4)  & 0x000f000f
 //   subtile 2j+1: reg0 = nibbles (2, 6)                             -> (word >> 8)  & 0x000f000f
 //                 reg1 = nibbles (3, 7)                             -> (word >> 12) & 0x000f000f
-// Each masked pair is OR-ed into the exponent of a 16-bit pair (f16 1024.0 = 0x6400, whose ulp is
-// 1; bf16 128.0 = 0x4300, ulp 1): the pair becomes (base + u_lo, base + u_hi) exactly, and
-// subtracting (base + 8) gives q = u - 8 exactly. Then __hmul2_rn(q, s) rounds once: the weight is
-// T(q * s), the same value fake_quant produces (DESIGN §3).
+// f16: each masked pair is OR-ed into the exponent of 1024.0 (0x6400, ulp 1): the pair becomes
+// (1024 + u_lo, 1024 + u_hi) exactly, subtracting 1032 gives q = u - 8 exactly, and
+// __hmul2_rn(q, s) rounds once: the weight is T(q * s), the value fake_quant produces (DESIGN §3).
+// bf16: the masked pair is read as two bf16 subnormals, u * 2^-133 exactly, and one fma with
+// per-scale factors gives T(q * s) * 2^-j directly (see Dequant<bf16>); the accumulators are
+// scaled back by 2^j, exactly, after the main loop.
 //
 // Marlin scales (DESIGN §3). Lane i needs the scales of its columns i/4 + 8b of the n-tile,
 // b = 0..7 (one per n8 subtile).
@@ -83,6 +85,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr bool kWeightsEvictFirst = true;
 
 template <bool V> struct BoolTag { static constexpr bool value = V; };
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
 
 // ---- 16-bit type traits: the exponent-trick constants and the mma instruction ----------------
 template <typename T> struct Half16;
@@ -140,21 +144,90 @@ template <uint32_t B, uint32_t C> __device__ __forceinline__ uint32_t and_or(uin
 // The four B-fragment registers of one Marlin word (see the header comment), dequantised and
 // scaled: b[0] = nibbles (0,4), b[1] = (1,5) with scale s0 (subtile 2j); b[2] = (2,6),
 // b[3] = (3,7) with scale s1 (subtile 2j+1). Every pair is (T(q_lo * s), T(q_hi * s)),
-// q = u - 8 exact, one rounding in the multiply (DESIGN §1/§3).
+// q = u - 8 exact, one rounding (DESIGN §1/§3); bf16 pairs carry an exact extra factor 2^-j.
 template <typename T> struct Dequant;
 
-// bf16: 3 SHF + 4 LOP3 per word. The nibble pair at bits [4,8) | [20,24) cannot be used in
-// place, because bf16 has 7 mantissa bits: 0x00f0 reaches into the exponent.
-template <> struct Dequant<__nv_bfloat16> {
-    using T2 = __nv_bfloat162;
-    static __device__ __forceinline__ uint32_t q8(uint32_t biased) { // (128+u) - 136 = q, exact
-        return bits_of(__hsub2_rn(from_bits<T2>(biased), from_bits<T2>(0x43084308u)));
+// bf16: 1 SHF + 4 LOP3 + 4 HFMA2 per word, and 3 HMUL2 per scale pair (once per group and
+// stage), instead of 3 SHF + 4 LOP3 + 4 HSUB2 + 4 HMUL2.
+//
+// A bf16 bit pattern p < 256 has the value p * 2^-133 exactly: below 128 it is a subnormal
+// (mantissa p, scale 2^-133), from 128 to 255 a normal of the smallest binade (2^-126 (1 +
+// (p - 128) / 128) = p * 2^-133). So the masked nibble pair at bits [0,4) | [16,20) reads as
+// (u_lo, u_hi) * 2^-133 and the pair at [4,8) | [20,24) as (u_lo, u_hi) * 2^-129, with no offset
+// to remove. With S_lo = s * 2^(133-j), S_hi = s * 2^(129-j) and C = -8 s * 2^-j, one fma
+//   fma(x, S, C) = RN(u s 2^-j - 8 s 2^-j) = RN((u - 8) s 2^-j) = T(q s) * 2^-j
+// rounds once (PTX ISA §9.7.4.4 `fma.rn.bf16x2`: subnormal inputs are supported, there is no
+// .ftz), and is exact scaling of T(q s) as long as S_lo is finite and (q s) 2^-j, C are normal.
+// A fixed j cannot serve every tensor (j = 0 overflows S_lo for scales >= 2^-5), so j is per
+// tensor: j = max(6, E - 121), E the largest biased exponent field among the scales
+// (LowbitMarlinGemmParams::scale_exp, computed when the weights are built). Then every scale
+// s < 2^(E-126) gives S_lo < 2^128 (finite), the constants are normal bf16 (2^(133-j) <= 2^127),
+// and the result is exact for every scale >= 2^(j-126), i.e. down to 2^-120 of the largest scale
+// (scale 0 gives +0, the reference's 0 * q is +-0: the same products in the f32 sums). The
+// tensor cores' f32 sums of the scaled products are the unscaled sums times 2^-j (a power of two
+// commutes with every rounding while nothing is near the f32 underflow), and the epilogue
+// multiplies by 2^j, exactly. Non-finite scales give non-finite outputs (not the reference's).
+struct Bf16Dequant {
+    uint32_t k_lo; // (2^(133-j), 2^(133-j)); S_hi = S_lo * 2^-4 and C = S_lo * -2^-130 from it
+
+    __device__ __forceinline__ static int shift(uint32_t biased_max) {
+        const int e = biased_max > 254u ? 254 : static_cast<int>(biased_max);
+        return max(6, e - 121);
     }
-    static __device__ __forceinline__ void word(uint32_t w, T2 s0, T2 s1, uint32_t b[4]) {
-        b[0] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w))), s0));
-        b[1] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w >> 4))), s0));
-        b[2] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w >> 8))), s1));
-        b[3] = bits_of(__hmul2_rn(from_bits<T2>(q8(and_or<0x000f000fu, 0x43004300u>(w >> 12))), s1));
+    __device__ __forceinline__ explicit Bf16Dequant(uint32_t biased_max) {
+        const uint32_t lo = static_cast<uint32_t>(260 - shift(biased_max)) << 7;
+        k_lo = lo | (lo << 16);
+    }
+    // 2^j = post[0] * post[1], each factor <= 2^67 (2^j itself may exceed the f32 range).
+    __device__ __forceinline__ static void post(uint32_t biased_max, float post[2]) {
+        const int j = shift(biased_max), j0 = j / 2;
+        post[0] = __int_as_float((j0 + 127) << 23);
+        post[1] = __int_as_float((j - j0 + 127) << 23);
+    }
+};
+
+// a * b as fma(a, b, -0): `mul.bf16x2` needs sm_90, and adding -0 changes no product (the
+// exact product rounded once; +0 + -0 = +0 under .rn).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+__device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// (x.lo, x.lo) and (x.hi, x.hi) of a bf16 pair: written as the bf16 intrinsics (a PTX unpack and
+// pack), which ptxas folds into the .H0_H0 / .H1_H1 operand selectors of the HFMA2 that uses them
+// (a __byte_perm stays a PRMT).
+__device__ __forceinline__ uint32_t pair_lo(uint32_t x) {
+    return bits_of(__low2bfloat162(from_bits<__nv_bfloat162>(x)));
+}
+__device__ __forceinline__ uint32_t pair_hi(uint32_t x) {
+    return bits_of(__high2bfloat162(from_bits<__nv_bfloat162>(x)));
+}
+
+template <> struct Dequant<__nv_bfloat16> {
+    // The factors of one scale pair (s_a, s_b) (two n8 subtiles): S_lo, S_hi, C as pairs.
+    struct Factors {
+        uint32_t lo, hi, c;
+    };
+    // S_lo = s * 2^(133-j) is exact (a power of two, finite by the choice of j); S_hi and C are
+    // exact multiples of it by powers of two (2^-4, -2^-130: a bf16 subnormal), so each is the
+    // single rounding of s * 2^(129-j) and -8 s * 2^-j, exact while those are normal.
+    static __device__ __forceinline__ Factors factors(uint32_t s2, const Bf16Dequant &d) {
+        const uint32_t lo = bf16x2_mul(s2, d.k_lo);
+        return {lo, bf16x2_mul(lo, 0x3d803d80u), bf16x2_mul(lo, 0x80088008u)};
+    }
+    // Subtile 2j takes the low scale of the pair, 2j+1 the high one.
+    static __device__ __forceinline__ void word(uint32_t w, const Factors &f, uint32_t b[4]) {
+        const uint32_t w8 = w >> 8;
+        const uint32_t c0 = pair_lo(f.c), c1 = pair_hi(f.c);
+        b[0] = bf16x2_fma(w & 0x000f000fu, pair_lo(f.lo), c0);
+        b[1] = bf16x2_fma(w & 0x00f000f0u, pair_lo(f.hi), c0);
+        b[2] = bf16x2_fma(w8 & 0x000f000fu, pair_hi(f.lo), c1);
+        b[3] = bf16x2_fma(w8 & 0x00f000f0u, pair_hi(f.hi), c1);
     }
 };
 
@@ -358,6 +431,9 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
     // Grouped scales: group is 32, 64 or 128 (a power of two); shift instead of dividing.
     const int gshift = __ffsll(static_cast<long long>(p.group)) - 1;
     const bool channelwise = p.channelwise != 0;
+    constexpr bool kBf16 = IsBf16<T>::value;
+    // bf16: the fused dequantisation's constants from the scales' range (see Dequant<bf16>).
+    const Bf16Dequant bdq(kBf16 ? __ldg(p.scale_exp) : 0u);
 
     if constexpr (MOE) {
         // Fused top-k sum: tokens with no local slot get zero rows (no tile will sum them).
@@ -614,17 +690,21 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
         // m16 tile mt adds 16 * mt rows (the same r % 8)
         rA[t] = pinned(sbase + A_OFF + (r * K_BLK + 8 * (c ^ (r & 7))) * 2);
     }
-    auto compute = [&](int slot) {
+    // `one_group`: BoolTag<true> when all k16 tiles of a stage share one scale row (group >=
+    // K_BLK, or channelwise): the scales (and the bf16 factors) are read once per stage.
+    auto compute = [&](int slot, auto one_group) {
+        uint32_t s4[4];
+        [[maybe_unused]] typename Dequant<__nv_bfloat16>::Factors f[4]; // bf16 only
 #pragma unroll
         for (int t = 0; t < KT_PER_WARP; ++t) {
             const uint4 words = *reinterpret_cast<const uint4 *>(smem + slot * B_BYTES + rB[t]);
-            const uint4 sraw = *reinterpret_cast<const uint4 *>(smem + S_OFF + slot * S_BYTES + rS[t]);
-            const uint32_t s4[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
-            T2 sc[8]; // (s_b, s_b) for the columns lane/4 + 8b
+            if (t == 0 || !decltype(one_group)::value) {
+                const uint4 sraw = *reinterpret_cast<const uint4 *>(smem + S_OFF + slot * S_BYTES + rS[t]);
+                s4[0] = sraw.x, s4[1] = sraw.y, s4[2] = sraw.z, s4[3] = sraw.w;
+                if constexpr (kBf16) {
 #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                sc[2 * h] = bcast_lo(from_bits<T2>(s4[h]));
-                sc[2 * h + 1] = bcast_hi(from_bits<T2>(s4[h]));
+                    for (int h = 0; h < 4; ++h) f[h] = Dequant<__nv_bfloat16>::factors(s4[h], bdq);
+                }
             }
             uint32_t af[M_TILES][4];
 #pragma unroll
@@ -634,7 +714,12 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 uint32_t b[4];
-                Dequant<T>::word(w4[j], sc[2 * j], sc[2 * j + 1], b);
+                if constexpr (kBf16) {
+                    Dequant<__nv_bfloat16>::word(w4[j], f[j], b);
+                } else {
+                    // (s, s) pairs of the columns lane/4 + 8 (2j) and lane/4 + 8 (2j + 1)
+                    Dequant<T>::word(w4[j], bcast_lo(from_bits<T2>(s4[j])), bcast_hi(from_bits<T2>(s4[j])), b);
+                }
 #pragma unroll
                 for (int mt = 0; mt < M_TILES; ++mt) {
                     H::mma(acc[mt][2 * j], af[mt], b[0], b[1]);
@@ -646,7 +731,7 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
 
     // ---- main loop: wait for stage i, prefetch stage i + STAGES - 1 into the slot freed by
     // i - 1. Unrolled over STAGES so that every slot offset is a compile-time constant. ----
-    auto pipeline = [&](auto full) {
+    auto pipeline = [&](auto full, auto one_group) {
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
             if (s < n_it) load_stage(s, full);
@@ -662,7 +747,7 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
                 __syncthreads();             // ... and everyone's; slot (i-1) % STAGES is no longer read
                 load_stage((s + STAGES - 1) % STAGES, full);
                 cp_async_commit();
-                compute(s);
+                compute(s, one_group);
             }
         }
         // The last < 2 STAGES - 1 stages, checked; i0 is a multiple of STAGES.
@@ -675,17 +760,31 @@ __device__ __forceinline__ void gemm(const LowbitMarlinGemmParams &p) {
                 __syncthreads();
                 if (i0 + s + STAGES - 1 < n_it) load_stage((s + STAGES - 1) % STAGES, full);
                 cp_async_commit();
-                compute(s);
+                compute(s, one_group);
             }
         }
     };
-    // Column blocks inside N (all of them when N % N_BLK == 0) run the copy loop unpredicated.
-    if ((nb + 1) * N_BLK <= N)
-        pipeline(BoolTag<true>{});
+    // Column blocks inside N (all of them when N % N_BLK == 0) run the copy loop unpredicated;
+    // the one edge block of an N % N_BLK != 0 shape takes the general path.
+    if ((nb + 1) * N_BLK > N)
+        pipeline(BoolTag<false>{}, BoolTag<false>{});
+    else if (channelwise || p.group >= K_BLK)
+        pipeline(BoolTag<true>{}, BoolTag<true>{});
     else
-        pipeline(BoolTag<false>{});
+        pipeline(BoolTag<true>{}, BoolTag<false>{});
     cp_async_wait<0>();
     __syncthreads(); // the pipeline space is free: reuse it for the epilogue tile
+
+    if constexpr (kBf16) { // undo the 2^-j of the bf16 dequantisation: exact (powers of two)
+        float post[2];
+        Bf16Dequant::post(__ldg(p.scale_exp), post);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int b = 0; b < 8; ++b)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][b][e] = acc[mt][b][e] * post[0] * post[1];
+    }
 
     // ---- sum the WARPS_K partial accumulators of each n-tile into sC, in wk order ----
     float *sC = reinterpret_cast<float *>(smem);

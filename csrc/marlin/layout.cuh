@@ -553,6 +553,18 @@ __device__ __forceinline__ void sync_group_scales(const LowbitMarlinSyncParams &
     }
 }
 
+// The bf16 GEMM's scale range: max over the scales of the biased exponent field of |s| (bits
+// 14..7 of a bf16; the exponent of the largest magnitude, 255 for inf/NaN), max-ed into *out.
+// One atomic per warp; *out must be zero before the launch.
+__device__ __forceinline__ void scale_exp(const LowbitMarlinScaleExpParams &p) {
+    uint32_t m = 0;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.count; i += stride)
+        m = max(m, (uint32_t(__ldg(p.scales + i)) >> 7) & 0xffu);
+    m = __reduce_max_sync(0xffffffffu, m);
+    if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(p.out, m);
+}
+
 } // namespace marlin
 } // namespace lowbit
 
@@ -580,6 +592,10 @@ extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_permute_scales(c
 }
 extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_unpermute_scales(const LowbitMarlinLayoutScalesParams p) {
     lowbit::marlin::permute_scales<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(256) lowbit_marlin_scale_exp_b16(const LowbitMarlinScaleExpParams p) {
+    lowbit::marlin::scale_exp(p);
 }
 
 // Weight sync: lowbit_marlin_sync_<inline|staged>_<weight dtype>_<scale dtype>, and the row-scale

@@ -232,10 +232,38 @@ impl Default for LowbitMarlinSyncParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct LowbitMarlinScaleExpParams {
+    pub scales: *const u16,
+    pub out: *mut u32,
+    pub count: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LowbitMarlinScaleExpParams"][::core::mem::size_of::<LowbitMarlinScaleExpParams>() - 24usize];
+    ["Alignment of LowbitMarlinScaleExpParams"][::core::mem::align_of::<LowbitMarlinScaleExpParams>() - 8usize];
+    ["Offset of field: LowbitMarlinScaleExpParams::scales"]
+        [::core::mem::offset_of!(LowbitMarlinScaleExpParams, scales) - 0usize];
+    ["Offset of field: LowbitMarlinScaleExpParams::out"]
+        [::core::mem::offset_of!(LowbitMarlinScaleExpParams, out) - 8usize];
+    ["Offset of field: LowbitMarlinScaleExpParams::count"]
+        [::core::mem::offset_of!(LowbitMarlinScaleExpParams, count) - 16usize];
+};
+impl Default for LowbitMarlinScaleExpParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct LowbitMarlinGemmParams {
     pub a: *const ::core::ffi::c_void,
     pub b: *const i32,
     pub scales: *const ::core::ffi::c_void,
+    pub scale_exp: *const u32,
     pub out: *mut ::core::ffi::c_void,
     pub partials: *mut f32,
     pub counters: *mut i32,
@@ -267,63 +295,65 @@ pub struct LowbitMarlinGemmParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LowbitMarlinGemmParams"][::core::mem::size_of::<LowbitMarlinGemmParams>() - 240usize];
+    ["Size of LowbitMarlinGemmParams"][::core::mem::size_of::<LowbitMarlinGemmParams>() - 248usize];
     ["Alignment of LowbitMarlinGemmParams"][::core::mem::align_of::<LowbitMarlinGemmParams>() - 8usize];
     ["Offset of field: LowbitMarlinGemmParams::a"][::core::mem::offset_of!(LowbitMarlinGemmParams, a) - 0usize];
     ["Offset of field: LowbitMarlinGemmParams::b"][::core::mem::offset_of!(LowbitMarlinGemmParams, b) - 8usize];
     ["Offset of field: LowbitMarlinGemmParams::scales"]
         [::core::mem::offset_of!(LowbitMarlinGemmParams, scales) - 16usize];
-    ["Offset of field: LowbitMarlinGemmParams::out"][::core::mem::offset_of!(LowbitMarlinGemmParams, out) - 24usize];
+    ["Offset of field: LowbitMarlinGemmParams::scale_exp"]
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, scale_exp) - 24usize];
+    ["Offset of field: LowbitMarlinGemmParams::out"][::core::mem::offset_of!(LowbitMarlinGemmParams, out) - 32usize];
     ["Offset of field: LowbitMarlinGemmParams::partials"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, partials) - 32usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, partials) - 40usize];
     ["Offset of field: LowbitMarlinGemmParams::counters"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, counters) - 40usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, counters) - 48usize];
     ["Offset of field: LowbitMarlinGemmParams::sorted_token_ids"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, sorted_token_ids) - 48usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sorted_token_ids) - 56usize];
     ["Offset of field: LowbitMarlinGemmParams::expert_ids"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, expert_ids) - 56usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, expert_ids) - 64usize];
     ["Offset of field: LowbitMarlinGemmParams::num_tokens_post_padded"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, num_tokens_post_padded) - 64usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, num_tokens_post_padded) - 72usize];
     ["Offset of field: LowbitMarlinGemmParams::topk_weights"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, topk_weights) - 72usize];
-    ["Offset of field: LowbitMarlinGemmParams::m"][::core::mem::offset_of!(LowbitMarlinGemmParams, m) - 80usize];
-    ["Offset of field: LowbitMarlinGemmParams::n"][::core::mem::offset_of!(LowbitMarlinGemmParams, n) - 88usize];
-    ["Offset of field: LowbitMarlinGemmParams::k"][::core::mem::offset_of!(LowbitMarlinGemmParams, k) - 96usize];
-    ["Offset of field: LowbitMarlinGemmParams::lda"][::core::mem::offset_of!(LowbitMarlinGemmParams, lda) - 104usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, topk_weights) - 80usize];
+    ["Offset of field: LowbitMarlinGemmParams::m"][::core::mem::offset_of!(LowbitMarlinGemmParams, m) - 88usize];
+    ["Offset of field: LowbitMarlinGemmParams::n"][::core::mem::offset_of!(LowbitMarlinGemmParams, n) - 96usize];
+    ["Offset of field: LowbitMarlinGemmParams::k"][::core::mem::offset_of!(LowbitMarlinGemmParams, k) - 104usize];
+    ["Offset of field: LowbitMarlinGemmParams::lda"][::core::mem::offset_of!(LowbitMarlinGemmParams, lda) - 112usize];
     ["Offset of field: LowbitMarlinGemmParams::group"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, group) - 112usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, group) - 120usize];
     ["Offset of field: LowbitMarlinGemmParams::m_blocks"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, m_blocks) - 120usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, m_blocks) - 128usize];
     ["Offset of field: LowbitMarlinGemmParams::out_rows"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, out_rows) - 128usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, out_rows) - 136usize];
     ["Offset of field: LowbitMarlinGemmParams::top_k"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, top_k) - 136usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, top_k) - 144usize];
     ["Offset of field: LowbitMarlinGemmParams::block_size"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, block_size) - 144usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, block_size) - 152usize];
     ["Offset of field: LowbitMarlinGemmParams::num_experts"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, num_experts) - 152usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, num_experts) - 160usize];
     ["Offset of field: LowbitMarlinGemmParams::capacity"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, capacity) - 160usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, capacity) - 168usize];
     ["Offset of field: LowbitMarlinGemmParams::smem_bytes"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, smem_bytes) - 168usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, smem_bytes) - 176usize];
     ["Offset of field: LowbitMarlinGemmParams::channelwise"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, channelwise) - 176usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, channelwise) - 184usize];
     ["Offset of field: LowbitMarlinGemmParams::max_pieces"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, max_pieces) - 180usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, max_pieces) - 188usize];
     ["Offset of field: LowbitMarlinGemmParams::sum_out"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_out) - 184usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_out) - 192usize];
     ["Offset of field: LowbitMarlinGemmParams::sum_counters"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_counters) - 192usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_counters) - 200usize];
     ["Offset of field: LowbitMarlinGemmParams::topk_ids"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, topk_ids) - 200usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, topk_ids) - 208usize];
     ["Offset of field: LowbitMarlinGemmParams::expert_map"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, expert_map) - 208usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, expert_map) - 216usize];
     ["Offset of field: LowbitMarlinGemmParams::sum_tokens"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_tokens) - 216usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_tokens) - 224usize];
     ["Offset of field: LowbitMarlinGemmParams::sum_topk"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_topk) - 224usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, sum_topk) - 232usize];
     ["Offset of field: LowbitMarlinGemmParams::global_experts"]
-        [::core::mem::offset_of!(LowbitMarlinGemmParams, global_experts) - 232usize];
+        [::core::mem::offset_of!(LowbitMarlinGemmParams, global_experts) - 240usize];
 };
 impl Default for LowbitMarlinGemmParams {
     fn default() -> Self {

@@ -32,7 +32,7 @@ use crate::dtype::{DType, ScaleFloat};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::format::{GroupSize, QuantShape};
-use crate::marlin::layout::MarlinWeights;
+use crate::marlin::layout::{scale_exp_of, MarlinWeights};
 
 const FAMILY: &str = "marlin";
 /// Threads per block of every GEMM kernel.
@@ -476,6 +476,7 @@ struct Launch<'a, T> {
     m: usize,
     qweight: &'a CudaSlice<i32>,
     scales: &'a CudaSlice<T>,
+    scale_exp: &'a CudaSlice<u32>,
     geom: WeightGeom,
     moe: Option<MoeArgs<'a>>,
 }
@@ -522,6 +523,8 @@ fn launch_gemm<T: Half>(
     let (a, _ga) = dev.ptr(op, "x", l.a, 16)?;
     let (b, _gb) = dev.ptr(op, "qweight", l.qweight, 16)?;
     let (s, _gs) = dev.ptr(op, "scales", l.scales, 16)?;
+    dev.check_buffer(op, "scale_exp", l.scale_exp, 1)?;
+    let (se, _gse) = dev.ptr(op, "scale_exp", l.scale_exp, 4)?;
     let (partials, counters) = match (&mut ws.partials, &mut ws.counters, plan.needs_workspace()) {
         (Some(p), Some(c), true) => {
             (Some(dev.ptr_mut(op, "workspace", p, 16)?), Some(dev.ptr_mut(op, "workspace", c, 4)?))
@@ -544,6 +547,7 @@ fn launch_gemm<T: Half>(
         a: a as *const _,
         b: b as *const _,
         scales: s as *const _,
+        scale_exp: se as *const _,
         out: o as *mut _,
         partials: ptr_of(&partials) as *mut _,
         counters: ptr_of(&counters) as *mut _,
@@ -749,7 +753,16 @@ pub fn marlin_gemm_into<T: Half>(
             }
             None => (x, lda),
         };
-        let launch = Launch { a, lda, m, qweight: weights.qweight(), scales: weights.scales(), geom, moe: None };
+        let launch = Launch {
+            a,
+            lda,
+            m,
+            qweight: weights.qweight(),
+            scales: weights.scales(),
+            scale_exp: &weights.scale_exp,
+            geom,
+            moe: None,
+        };
         launch_gemm(dev, OP, &launch, &plan, out, workspace, None)
     })();
     *T::gather_buffer(workspace) = gathered;
@@ -825,6 +838,8 @@ impl<T: Half> MarlinLinear<T> {
 pub struct MarlinExperts<T> {
     pub(crate) qweight: CudaSlice<i32>,
     pub(crate) scales: CudaSlice<T>,
+    /// The scale range of every expert's scales for the bf16 GEMM (`layout::update_scale_exp`).
+    pub(crate) scale_exp: CudaSlice<u32>,
     pub(crate) num_experts: usize,
     pub(crate) shape: QuantShape,
 }
@@ -861,7 +876,9 @@ impl<T: Half> MarlinExperts<T> {
         let (ql, sl) = Self::lens(num_experts, &shape);
         crate::format::check_len(OP, "qweight", qweight.len(), ql)?;
         crate::format::check_len(OP, "scales", scales.len(), sl)?;
-        Ok(MarlinExperts { qweight: dev.htod(qweight)?, scales: dev.htod(scales)?, num_experts, shape })
+        let scales = dev.htod(scales)?;
+        let scale_exp = scale_exp_of(dev, OP, &scales)?;
+        Ok(MarlinExperts { qweight: dev.htod(qweight)?, scales, scale_exp, num_experts, shape })
     }
 
     /// Takes ownership of device tensors of the same shapes as [`MarlinExperts::from_host`].
@@ -879,7 +896,8 @@ impl<T: Half> MarlinExperts<T> {
         let (ql, sl) = Self::lens(num_experts, &shape);
         dev.check_buffer(OP, "qweight", &qweight, ql)?;
         dev.check_buffer(OP, "scales", &scales, sl)?;
-        Ok(MarlinExperts { qweight, scales, num_experts, shape })
+        let scale_exp = scale_exp_of(dev, OP, &scales)?;
+        Ok(MarlinExperts { qweight, scales, scale_exp, num_experts, shape })
     }
 
     /// Number of experts `E`.
@@ -1031,8 +1049,16 @@ fn moe_gemm_impl<T: Half>(
         }
     }
     let moe = MoeArgs { blocks, topk_weights, top_k, out_rows, num_experts: experts.num_experts };
-    let launch =
-        Launch { a, lda: geom.k, m: a_rows, qweight: &experts.qweight, scales: &experts.scales, geom, moe: Some(moe) };
+    let launch = Launch {
+        a,
+        lda: geom.k,
+        m: a_rows,
+        qweight: &experts.qweight,
+        scales: &experts.scales,
+        scale_exp: &experts.scale_exp,
+        geom,
+        moe: Some(moe),
+    };
     launch_gemm(dev, OP, &launch, &plan, out, workspace, sum)
 }
 

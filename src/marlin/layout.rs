@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::device::Device;
 use crate::dtype::ScaleFloat;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ffi;
 use crate::format::{check_len, QuantShape, PACK};
 use crate::quant::PackedWeights;
@@ -28,6 +28,8 @@ pub(crate) const THREADS: u32 = 256;
 unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMarlinLayoutParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMarlinLayoutScalesParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for ffi::LowbitMarlinScaleExpParams {}
 
 /// INT4 weights of one linear layer in the Marlin layout, on the device: what the Marlin GEMM
 /// consumes.
@@ -49,7 +51,46 @@ pub struct MarlinWeights<S> {
     pub(crate) perm: Option<CudaSlice<i32>>,
     /// The inverse of `perm` (`inv[perm[r]] = r`), for the exact restore.
     pub(crate) inv_perm: Option<CudaSlice<i32>>,
+    /// The scales' range for the bf16 GEMM (see [`update_scale_exp`]), kept in step with `scales`.
+    pub(crate) scale_exp: CudaSlice<u32>,
     pub(crate) shape: QuantShape,
+}
+
+/// Writes the scale range the bf16 GEMM needs (`LowbitMarlinGemmParams::scale_exp`: the largest
+/// biased exponent field among the 16-bit `scales`) into the device scalar `out`: a memset and
+/// one launch queued on lowbit's stream, no synchronisation (capturable). Every constructor of
+/// [`MarlinWeights`] / [`crate::marlin::gemm::MarlinExperts`] and every in-place weight sync runs
+/// it after the scales are final.
+pub(crate) fn update_scale_exp<S: ScaleFloat>(
+    dev: &Device,
+    op: &'static str,
+    scales: &CudaSlice<S>,
+    out: &mut CudaSlice<u32>,
+) -> Result<()> {
+    dev.check_buffer(op, "scale_exp", out, 1)?;
+    dev.check_buffer(op, "scales", scales, scales.len())?;
+    dev.stream().memset_zeros(out).map_err(Error::cuda("cuMemsetD8"))?;
+    let func = dev.function(FAMILY, "lowbit_marlin_scale_exp_b16", 0)?;
+    let (s, _g1) = dev.ptr(op, "scales", scales, 2)?;
+    let (o, _g2) = dev.ptr_mut(op, "scale_exp", out, 4)?;
+    let params =
+        ffi::LowbitMarlinScaleExpParams { scales: s as *const _, out: o as *mut _, count: scales.len() as i64 };
+    let cfg = dev.grid_stride(scales.len(), THREADS, THREADS as usize * 16);
+    // SAFETY: `scales` holds `count` 16-bit elements (its own length; `S` is bf16 or f16) and
+    // `out` one u32 (checked above), zeroed just before on the same stream; the guards order the
+    // accesses on lowbit's stream until after the launch.
+    unsafe { dev.launch(&func, cfg, params) }
+}
+
+/// A new device scalar holding the scale range of `scales` (see [`update_scale_exp`]).
+pub(crate) fn scale_exp_of<S: ScaleFloat>(
+    dev: &Device,
+    op: &'static str,
+    scales: &CudaSlice<S>,
+) -> Result<CudaSlice<u32>> {
+    let mut out = dev.zeros::<u32>(1)?;
+    update_scale_exp(dev, op, scales, &mut out)?;
+    Ok(out)
 }
 
 /// Checks that `shape` fits the Marlin layout (`K % 16 == 0`, `N % 64 == 0`).
@@ -295,7 +336,7 @@ impl<S: ScaleFloat> MarlinWeights<S> {
         let perm = perm.map(|p| upload_perm(dev, OP, p, shape.k)).transpose()?;
         let qw = repack_words(dev, OP, qweight, perm.as_ref().map(|p| &p.perm), shape, false)?;
         let sc = scales_kernel(dev, OP, scales, shape, false, false)?;
-        Ok(Self::assemble(qw, sc, perm, *shape))
+        Self::assemble(dev, OP, qw, sc, perm, *shape)
     }
 
     /// As [`MarlinWeights::from_gptq`] from an act-order checkpoint's `g_idx` `[K]`:
@@ -325,7 +366,7 @@ impl<S: ScaleFloat> MarlinWeights<S> {
         dev.check_buffer(OP, "weight_scale", scales, shape.scales_len())?;
         let qw = repack_words(dev, OP, packed, None, shape, true)?;
         let sc = scales_kernel(dev, OP, scales, shape, false, true)?;
-        Ok(Self::assemble(qw, sc, None, *shape))
+        Self::assemble(dev, OP, qw, sc, None, *shape)
     }
 
     /// From the output of [`crate::quant::quantize_pack`].
@@ -348,7 +389,7 @@ impl<S: ScaleFloat> MarlinWeights<S> {
         check_len(OP, "qweight", qweight.len(), qweight_len(shape))?;
         check_len(OP, "scales", scales.len(), shape.scales_len())?;
         let perm = perm.map(|p| upload_perm(dev, OP, p, shape.k)).transpose()?;
-        Ok(Self::assemble(dev.htod(qweight)?, dev.htod(scales)?, perm, *shape))
+        Self::assemble(dev, OP, dev.htod(qweight)?, dev.htod(scales)?, perm, *shape)
     }
 
     /// Takes ownership of device buffers that already hold Marlin-layout data (the caller
@@ -365,20 +406,24 @@ impl<S: ScaleFloat> MarlinWeights<S> {
         dev.check_buffer(OP, "qweight", &qweight, qweight_len(shape))?;
         dev.check_buffer(OP, "scales", &scales, shape.scales_len())?;
         let perm = perm.map(|p| upload_perm(dev, OP, p, shape.k)).transpose()?;
-        Ok(Self::assemble(qweight, scales, perm, *shape))
+        Self::assemble(dev, OP, qweight, scales, perm, *shape)
     }
 
+    /// The weights from their final buffers; computes the scale range.
     pub(crate) fn assemble(
+        dev: &Device,
+        op: &'static str,
         qweight: CudaSlice<i32>,
         scales: CudaSlice<S>,
         perm: Option<DevicePerm>,
         shape: QuantShape,
-    ) -> Self {
+    ) -> Result<Self> {
         let (perm, inv_perm) = match perm {
             Some(p) => (Some(p.perm), Some(p.inv)),
             None => (None, None),
         };
-        MarlinWeights { qweight, scales, perm, inv_perm, shape }
+        let scale_exp = scale_exp_of(dev, op, &scales)?;
+        Ok(MarlinWeights { qweight, scales, perm, inv_perm, scale_exp, shape })
     }
 
     /// Marlin `qweight`, i32 `[K/16, 2N]`.

@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::format::QuantShape;
 use crate::marlin::layout::{
-    channelwise_scales, check_shape, qweight_len, scales_kernel, unrepack_words, MarlinWeights, FAMILY, THREADS,
+    channelwise_scales, check_shape, qweight_len, scales_kernel, unrepack_words, update_scale_exp, MarlinWeights,
+    FAMILY, THREADS,
 };
 use crate::quant::PackedWeights;
 
@@ -117,7 +118,7 @@ pub fn quantize_to_marlin<T: Float, S: ScaleFloat>(
     let mut qweight = unsafe { dev.alloc_for_kernel::<i32>(qweight_len(shape))? };
     let mut scales = unsafe { dev.alloc_for_kernel::<S>(shape.scales_len())? };
     run_sync::<T, S>(dev, OP, w, &mut qweight, &mut scales, shape, true)?;
-    Ok(MarlinWeights::assemble(qweight, scales, None, *shape))
+    MarlinWeights::assemble(dev, OP, qweight, scales, None, *shape)
 }
 
 /// Checks that `w` can be quantized into `dst`'s buffers; returns the shape.
@@ -152,11 +153,13 @@ pub fn quantize_to_marlin_into<T: Float, S: ScaleFloat>(
 ) -> Result<()> {
     const OP: &str = "quantize_to_marlin_into";
     let shape = validate_into(dev, OP, dst, w)?;
-    let result = run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, true);
+    let result = run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, true)
+        .and_then(|()| update_scale_exp(dev, OP, &dst.scales, &mut dst.scale_exp));
     if result.is_err() {
         let zero_q = dev.stream().memset_zeros(&mut dst.qweight);
         let zero_s = dev.stream().memset_zeros(&mut dst.scales);
-        zero_q.and(zero_s).map_err(Error::cuda("cuMemsetD8"))?;
+        let zero_e = dev.stream().memset_zeros(&mut dst.scale_exp); // the range of all-zero scales
+        zero_q.and(zero_s).and(zero_e).map_err(Error::cuda("cuMemsetD8"))?;
     }
     result
 }
@@ -173,7 +176,8 @@ pub fn quantize_to_marlin_into_unchecked<T: Float, S: ScaleFloat>(
 ) -> Result<()> {
     const OP: &str = "quantize_to_marlin_into_unchecked";
     let shape = validate_into(dev, OP, dst, w)?;
-    run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, false)
+    run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, false)?;
+    update_scale_exp(dev, OP, &dst.scales, &mut dst.scale_exp)
 }
 
 /// The exact inverse of the sync path: Marlin weights → compressed-tensors `weight_packed`
