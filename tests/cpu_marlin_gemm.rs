@@ -42,7 +42,10 @@ fn check_plan(plan: &GemmPlan, m: usize, n: usize, k: usize, sm: usize) {
     assert_eq!(k % plan.block.k_blk(), 0, "{plan:?}: K = {k} is a whole number of stages");
     let iters = k / plan.block.k_blk();
     assert_eq!(plan.iters, iters);
-    assert!(plan.ctas >= 1 && plan.ctas <= sm * ctas_per_sm(plan.m_tiles), "{plan:?}: one CTA per slot at most");
+    assert!(
+        plan.ctas >= 1 && plan.ctas <= sm * ctas_per_sm(plan.m_tiles, plan.block),
+        "{plan:?}: one CTA per slot at most"
+    );
     assert_eq!(plan.dp_tiles() % plan.ctas, 0);
     assert!(plan.sk_tiles() < plan.ctas, "{plan:?}: stream-K takes less than one round");
     assert!(plan.sk_ctas() <= plan.ctas);
@@ -102,9 +105,24 @@ fn planner_choices() {
     // The issue-9 decode shape: 224 tiles of 64 iterations over 396 CTAs, 36-37 each.
     let p = plan_gemm(1, 28672, 8192, 132).unwrap();
     assert_eq!((p.ctas, p.tiles(), p.dp_tiles(), p.sk_ctas(), p.max_pieces_per_tile()), (396, 224, 0, 396, 3));
-    // Fewer tiles than CTAs: all stream-K, each tile in two pieces.
+    // Fewer tiles than CTAs: all stream-K, each tile in two pieces (one row: the pieces are
+    // small, the 128-column block stays).
+    let p = plan_gemm(1, 25344, 8192, 132).unwrap();
+    assert_eq!(
+        (p.block, p.tiles(), p.ctas, p.sk_tiles(), p.max_pieces_per_tile()),
+        (BlockShape::N128K128, 198, 396, 198, 2)
+    );
+    // 16 rows: 16-row f32 pieces; the 64-column block has half the bytes per piece and fewer
+    // pieces (264 whole tiles on 264 CTAs, then 132 tiles cut in two).
     let p = plan_gemm(16, 25344, 8192, 132).unwrap();
-    assert_eq!((p.tiles(), p.ctas, p.sk_tiles(), p.max_pieces_per_tile()), (198, 396, 198, 2));
+    let wide = GemmPlan { block: BlockShape::N128K128, ctas: 396, n_blocks: 198, iters: 64, ..p };
+    assert_eq!((p.block, p.tiles(), p.ctas, p.dp_tiles(), p.sk_tiles()), (BlockShape::N64K128, 396, 264, 264, 132));
+    assert!(p.piece_bytes_estimate() * 2 < wide.piece_bytes_estimate(), "{p:?}");
+    // The issue-9 shape (7168, 18432): 112 tiles of 144 iterations over 264 CTAs.
+    let p = plan_gemm(16, 7168, 18432, 132).unwrap();
+    assert_eq!((p.block, p.tiles(), p.ctas, p.iters), (BlockShape::N64K128, 112, 264, 144));
+    // At most 8 rows the pieces stay small: the 3-CTA block.
+    assert_eq!(plan_gemm(8, 7168, 18432, 132).unwrap().block, BlockShape::N128K128);
     // Tiles a multiple of the CTAs: data-parallel only, no workspace.
     let p = plan_gemm(64, 33792, 4096, 132).unwrap();
     assert_eq!((p.m_tiles, p.tiles(), p.ctas, p.sk_tiles()), (4, 132, 132, 0));
@@ -117,11 +135,17 @@ fn planner_choices() {
     assert_eq!(plan_gemm(4096, 192, 4096, 132).unwrap().block, BlockShape::N256K64);
     assert_eq!(plan_gemm(40, 192, 4096, 132).unwrap().block, BlockShape::N128K128);
     for m_tiles in 1..=4 {
-        for block in [BlockShape::N128K128, BlockShape::N256K64] {
+        for block in BlockShape::ALL {
             let p = GemmPlan { m_tiles, block, ctas: 1, iters: 1, m_blocks: 1, n_blocks: 1, moe: false };
-            assert_eq!(plannable(m_tiles, block), p.smem_bytes() <= SMEM_BUDGET, "{p:?}");
+            if plannable(m_tiles, block) {
+                assert!(p.smem_bytes() <= SMEM_BUDGET, "{p:?}");
+            }
         }
     }
+    let m4 =
+        GemmPlan { m_tiles: 4, block: BlockShape::N128K128, ctas: 1, iters: 1, m_blocks: 1, n_blocks: 1, moe: false };
+    assert!(!plannable(4, BlockShape::N128K128) && m4.smem_bytes() > SMEM_BUDGET);
+    assert!((2..=4).all(|m| !plannable(m, BlockShape::N64K128)), "the narrow block is for 16-row blocks only");
     // K % 128 != 0 forces the 64-deep stages.
     assert_eq!(plan_gemm(1, 256, 192, 132).unwrap().block, BlockShape::N256K64);
     // M not a multiple of 16.
@@ -139,7 +163,10 @@ fn moe_planner() {
             let p = plan_moe_gemm(bs, cap, n, k, 132).unwrap();
             assert!(p.m_blk() >= bs && p.m_blk() < bs + 16);
             assert_eq!(p.m_blocks, 37);
-            assert!(p.moe && p.ctas == 132 * ctas_per_sm(p.m_tiles), "the grid does not depend on the capacity");
+            assert!(
+                p.moe && p.ctas == 132 * ctas_per_sm(p.m_tiles, p.block),
+                "the grid does not depend on the capacity"
+            );
             assert_eq!(p.ctas, plan_moe_gemm(bs, cap * 5, n, k, 132).unwrap().ctas);
             assert_eq!(p.workspace_partials(), 2 * p.ctas * p.m_blk() * p.block.n_blk());
             check_plan(&p, bs, n, k, 132);

@@ -440,7 +440,7 @@ fn bad_input_is_a_typed_error() {
 /// m-blocks, a tile in 16 pieces, data-parallel rounds with and without a stream-K tail.
 /// Small enough to run unchanged on the simulator; `exact_cases_cover_every_plan_variant`
 /// checks the coverage with `plan_gemm`.
-const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 22] = [
+const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 28] = [
     // tiles cut into pieces
     (1, 256, 512, GroupSize::Group(128), false, 0),
     (3, 192, 1024, GroupSize::Group(32), true, 8),
@@ -455,6 +455,15 @@ const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 22] = [
     (1, 256, 4096, GroupSize::Group(128), false, 0),
     // 396 data-parallel tiles, then 4 tiles of 3 iterations over 6 CTAs
     (1, 51200, 384, GroupSize::Group(128), false, 0),
+    // 9..=16 rows on the 64-column block (N64K128, 8 stages): pieces, every group kind, act-order
+    (16, 192, 1024, GroupSize::Group(32), true, 8),
+    (12, 320, 512, GroupSize::Group(64), false, 0),
+    (16, 448, 2048, GroupSize::Group(128), false, 0),
+    (9, 64, 512, GroupSize::Channelwise, false, 0),
+    // ... 15-16 stage iterations per CTA: its steady-state loop (2 x 8 stages) with pieces
+    (16, 7168, 4608, GroupSize::Group(128), false, 0),
+    // ... 264 whole tiles on 264 CTAs (the 128-column block would cut 132 tiles in two)
+    (16, 16896, 512, GroupSize::Group(128), false, 0),
     // whole tiles only (at most 3 stage iterations)
     (1, 128, 256, GroupSize::Channelwise, false, 0),
     (8, 192, 192, GroupSize::Group(64), true, 8),
@@ -471,8 +480,9 @@ const EXACT_CASES: [(usize, usize, usize, GroupSize, bool, usize); 22] = [
 /// (M, N, K, group, act-order) of the one-hot sweeps: one case per kernel instance, M = the
 /// instance's rows (the m4 case is the identity, M = K, over several m-blocks), every K-row probed
 /// over at least two pipeline stages, tiles cut into stream-K pieces.
-const PROBE_CASES: [(usize, usize, usize, GroupSize, bool); 7] = [
+const PROBE_CASES: [(usize, usize, usize, GroupSize, bool); 8] = [
     (16, 256, 512, GroupSize::Group(128), false),
+    (16, 192, 1024, GroupSize::Group(64), false),
     (16, 256, 320, GroupSize::Group(64), true),
     (32, 256, 512, GroupSize::Group(32), false),
     (32, 256, 320, GroupSize::Channelwise, false),
@@ -797,7 +807,7 @@ fn exact_cases_cover_every_plan_variant() {
     let mut want = BTreeSet::new();
     let mut instances = BTreeSet::new();
     for m_tiles in 1..=4 {
-        for block in [BlockShape::N128K128, BlockShape::N256K64] {
+        for block in BlockShape::ALL {
             if lowbit::marlin::gemm::plannable(m_tiles, block) {
                 let inst = format!("m{m_tiles}_{}", block.name());
                 for cut in [false, true] {
@@ -807,7 +817,7 @@ fn exact_cases_cover_every_plan_variant() {
             }
         }
     }
-    for block in [BlockShape::N128K128, BlockShape::N256K64] {
+    for block in BlockShape::ALL {
         for gs in [GroupSize::Group(32), GroupSize::Group(64), GroupSize::Group(128), GroupSize::Channelwise] {
             want.insert(format!("{} group={gs}", block.name()));
         }

@@ -37,7 +37,8 @@ use crate::marlin::layout::{scale_exp_of, MarlinWeights};
 const FAMILY: &str = "marlin";
 /// Threads per block of every GEMM kernel.
 pub const THREADS: u32 = 256;
-/// Pipeline stages of every GEMM kernel.
+/// Pipeline stages of the GEMM kernels (all but [`BlockShape::N64K128`], which has 8:
+/// [`BlockShape::stages`]).
 pub const STAGES: usize = 4;
 /// The most pieces stream-K cuts one tile into (each at least two stage iterations).
 pub const MAX_PIECES: usize = 16;
@@ -73,6 +74,11 @@ pub enum BlockShape {
     N128K128,
     /// 256 columns (four n-tiles), 64-deep stages: larger M, or `K % 128 != 0`.
     N256K64,
+    /// 64 columns (one n-tile), 128-deep stages, 8 of them, 2 CTAs per SM: dense 9..=16 rows
+    /// when the grid is mostly stream-K, where it halves the bytes of each piece (16 rows ×
+    /// 64 f32) and cuts the number of pieces (fewer CTAs), with as many weight bytes in flight
+    /// per SM (2 × 7 stages × 4 KiB).
+    N64K128,
 }
 
 impl BlockShape {
@@ -81,20 +87,31 @@ impl BlockShape {
         match self {
             BlockShape::N128K128 => "n128k128",
             BlockShape::N256K64 => "n256k64",
+            BlockShape::N64K128 => "n64k128",
         }
     }
+    /// Every block shape.
+    pub const ALL: [BlockShape; 3] = [BlockShape::N128K128, BlockShape::N256K64, BlockShape::N64K128];
     /// Output columns per block.
     pub const fn n_blk(self) -> usize {
         match self {
             BlockShape::N128K128 => 128,
             BlockShape::N256K64 => 256,
+            BlockShape::N64K128 => 64,
         }
     }
     /// K-rows per pipeline stage.
     pub const fn k_blk(self) -> usize {
         match self {
-            BlockShape::N128K128 => 128,
+            BlockShape::N128K128 | BlockShape::N64K128 => 128,
             BlockShape::N256K64 => 64,
+        }
+    }
+    /// Pipeline stages of the instances with this block.
+    pub const fn stages(self) -> usize {
+        match self {
+            BlockShape::N64K128 => 8,
+            _ => STAGES,
         }
     }
 }
@@ -149,7 +166,7 @@ impl GemmPlan {
     pub fn smem_bytes(&self) -> usize {
         let (m_blk, n_blk, k_blk) = (self.m_blk(), self.block.n_blk(), self.block.k_blk());
         let stage = (k_blk / 16) * (n_blk / 64) * 512 + m_blk * k_blk * 2 + (k_blk / 32) * n_blk * 2;
-        (STAGES * stage).max(m_blk * (n_blk + 8) * 4)
+        (self.block.stages() * stage).max(m_blk * (n_blk + 8) * 4)
     }
 
     /// Output tiles (`m_blocks · n_blocks`).
@@ -200,6 +217,16 @@ impl GemmPlan {
         (0..self.sk_tiles()).map(|t| owner((t + 1) * it - 1) - owner(t * it) + 1).max().unwrap_or(1)
     }
 
+    /// The f32 bytes the stream-K pieces of a full block of rows write (and the last piece of
+    /// each tile reads back): about one piece per stream-K CTA plus one per stream-K tile, each
+    /// `m_blk · n_blk` floats. The planner's measure for the block choice at 9..=16 rows.
+    pub fn piece_bytes_estimate(&self) -> usize {
+        if !self.cuts_tiles() {
+            return 0;
+        }
+        (self.sk_ctas() + self.sk_tiles()) * self.m_blk() * self.block.n_blk() * 4
+    }
+
     /// Whether the launch may cut a tile: dense, when [`GemmPlan::cuts_tiles`]; MoE, always
     /// (the tiles in use are counted on the device).
     pub fn needs_workspace(&self) -> bool {
@@ -227,13 +254,15 @@ impl GemmPlan {
     }
 }
 
-/// Resident CTAs per SM the instances are built for (`instances.list` launch bounds: m1 3, m2 2,
-/// larger blocks 1); the persistent grid has this many CTAs per SM. Where shared memory allows
-/// fewer (sm_86/sm_89), the CTAs run in as many waves of equal work: still balanced.
-pub const fn ctas_per_sm(m_tiles: usize) -> usize {
-    match m_tiles {
-        1 => 3,
-        2 => 2,
+/// Resident CTAs per SM the instances are built for (`instances.list` launch bounds: m1 3 (2 with
+/// [`BlockShape::N64K128`]), m2 2, larger blocks 1); the persistent grid has this many CTAs per
+/// SM. Where shared memory allows fewer (sm_86/sm_89), the CTAs run in as many waves of equal
+/// work: still balanced.
+pub const fn ctas_per_sm(m_tiles: usize, block: BlockShape) -> usize {
+    match (m_tiles, block) {
+        (1, BlockShape::N64K128) => 2,
+        (1, _) => 3,
+        (2, _) => 2,
         _ => 1,
     }
 }
@@ -262,8 +291,19 @@ pub const SMEM_BUDGET: usize = 99 * 1024 - 1536;
 
 /// Whether the planners ever pick `m_tiles` with `block`. 64 rows with 128-deep stages would need
 /// 100 KiB of shared memory, more than sm_86/sm_89 allow: that combination is never built.
+/// [`BlockShape::N64K128`] exists for 16-row dense blocks only.
 pub const fn plannable(m_tiles: usize, block: BlockShape) -> bool {
-    !(m_tiles >= 4 && matches!(block, BlockShape::N128K128))
+    match block {
+        BlockShape::N128K128 => m_tiles < 4,
+        BlockShape::N256K64 => true,
+        BlockShape::N64K128 => m_tiles == 1,
+    }
+}
+
+/// Whether the planners ever pick `block` for the MoE GEMM (only the dense GEMM has
+/// [`BlockShape::N64K128`]).
+pub const fn plannable_moe(m_tiles: usize, block: BlockShape) -> bool {
+    plannable(m_tiles, block) && !matches!(block, BlockShape::N64K128)
 }
 
 fn block_shape(m_tiles: usize, n: usize, k: usize) -> BlockShape {
@@ -286,15 +326,25 @@ pub fn plan_gemm(m: usize, n: usize, k: usize, sm_count: usize) -> Result<GemmPl
     }
     check_gemm_shape(OP, n, k, k)?;
     let m_tiles = m.div_ceil(16).min(4);
-    let block = block_shape(m_tiles, n, k);
-    let m_blocks = m.div_ceil(16 * m_tiles);
-    let n_blocks = n.div_ceil(block.n_blk());
-    let tiles = m_blocks * n_blocks;
-    let iters = k / block.k_blk();
-    // One CTA per resident slot, but at least two stage iterations per CTA on average.
-    let slots = sm_count.max(1) * ctas_per_sm(m_tiles);
-    let ctas = slots.min((tiles * iters / 2).max(1));
-    let plan = GemmPlan { m_tiles, block, ctas, iters, m_blocks, n_blocks, moe: false };
+    let dense = |block: BlockShape| {
+        let m_blocks = m.div_ceil(16 * m_tiles);
+        let n_blocks = n.div_ceil(block.n_blk());
+        let tiles = m_blocks * n_blocks;
+        let iters = k / block.k_blk();
+        // One CTA per resident slot, but at least two stage iterations per CTA on average.
+        let slots = sm_count.max(1) * ctas_per_sm(m_tiles, block);
+        let ctas = slots.min((tiles * iters / 2).max(1));
+        GemmPlan { m_tiles, block, ctas, iters, m_blocks, n_blocks, moe: false }
+    };
+    let mut plan = dense(block_shape(m_tiles, n, k));
+    // 9..=16 rows: stream-K pieces are 16 full rows of f32; take the narrow block when its
+    // pieces are fewer bytes (ties keep the 128-column block and its 3 CTAs per SM).
+    if m_tiles == 1 && m > 8 && plan.block == BlockShape::N128K128 {
+        let narrow = dense(BlockShape::N64K128);
+        if narrow.piece_bytes_estimate() < plan.piece_bytes_estimate() {
+            plan = narrow;
+        }
+    }
     if plan.grid_blocks() > i32::MAX as usize {
         return Err(Error::shape(OP, format!("{m} x {n} needs too many blocks")));
     }
@@ -322,7 +372,7 @@ pub fn plan_moe_gemm(block_size: usize, capacity: usize, n: usize, k: usize, sm_
     // One CTA per resident slot whatever the capacity: the tiles in use are counted on the
     // device, so the grid (and with it the stream-K split and the result) does not depend on how
     // large the routing buffers are.
-    let ctas = sm_count.max(1) * ctas_per_sm(m_tiles);
+    let ctas = sm_count.max(1) * ctas_per_sm(m_tiles, block);
     let plan = GemmPlan { m_tiles, block, ctas, iters: k / block.k_blk(), m_blocks, n_blocks, moe: true };
     if plan.tiles() > i32::MAX as usize {
         return Err(Error::shape(OP, "too many routing blocks"));
@@ -1067,8 +1117,8 @@ pub fn all_kernel_names(dtype: DType) -> Vec<String> {
     let mut v = Vec::new();
     for moe in [false, true] {
         for m_tiles in 1..=4 {
-            for block in [BlockShape::N128K128, BlockShape::N256K64] {
-                if !plannable(m_tiles, block) {
+            for block in BlockShape::ALL {
+                if !(if moe { plannable_moe(m_tiles, block) } else { plannable(m_tiles, block) }) {
                     continue;
                 }
                 let plan = GemmPlan { m_tiles, block, ctas: 1, iters: 1, m_blocks: 1, n_blocks: 1, moe };
