@@ -675,32 +675,42 @@ fn bf16_scale_range_probes() {
 
 /// The weight sync keeps the bf16 GEMM's scale range in step with the scales it writes: the same
 /// buffers re-quantized (checked and unchecked) from weights 2^-90, 1 and 2^90 times as large
-/// still read back `T(q·s)` of the reference quantization bit for bit.
+/// still read back `T(q·s)` of the reference quantization bit for bit (a fresh
+/// `quantize_to_marlin` first, on both sync paths).
 #[test]
 fn bf16_weight_sync_updates_the_scale_range() {
     use lowbit::marlin::sync::{quantize_to_marlin, quantize_to_marlin_into, quantize_to_marlin_into_unchecked};
     let dev = gpu_or_skip!();
     let mut ws = MarlinWorkspace::new();
     let mut rng = Rng::new(0x5eed);
-    let (m, n, k) = (16, 128, 128);
-    let shape = QuantShape::new(n, k, GroupSize::Group(32)).unwrap();
-    let base: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
-    let scaled = |e: i32| -> Vec<bf16> { base.iter().map(|&v| bf16::from_f32(v * 2f32.powi(e))).collect() };
-    let mut w = quantize_to_marlin::<bf16, bf16>(&dev, &dev.htod(&scaled(0)).unwrap(), &shape).unwrap();
-    for (e, checked) in [(90, true), (-90, false), (0, true), (90, false)] {
-        let src = scaled(e);
-        let wd = dev.htod(&src).unwrap();
-        if checked {
-            quantize_to_marlin_into(&dev, &mut w, &wd).unwrap();
-        } else {
-            quantize_to_marlin_into_unchecked(&dev, &mut w, &wd).unwrap();
-        }
-        let (packed, scales) = lowbit::reference::quant::quantize_pack::<bf16, bf16>(&src, &shape).unwrap();
-        let wm = Problem { shape, packed, scales, g_idx: None }.w_matrix();
-        for first in (0..k).step_by(m) {
-            let x = one_hot_rows(m, k, first);
-            let (y, _) = run_rows(&dev, &w, &x, m, k, k, &mut ws);
-            common::assert_exact(&format!("weights x 2^{e}, rows {first}.."), &y, &exact_ref(&x, m, k, &wm, n), n);
+    let (m, n, k) = (16, 128, 256);
+    // Inline scales (g = 32, 128) and the channelwise pre-pass (K = 256 is not an inline group): each path's kernels that write
+    // scales also compute their range.
+    for gs in [GroupSize::Group(32), GroupSize::Group(128), GroupSize::Channelwise] {
+        let shape = QuantShape::new(n, k, gs).unwrap();
+        let base: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
+        let scaled = |e: i32| -> Vec<bf16> { base.iter().map(|&v| bf16::from_f32(v * 2f32.powi(e))).collect() };
+        let mut w = quantize_to_marlin::<bf16, bf16>(&dev, &dev.htod(&scaled(0)).unwrap(), &shape).unwrap();
+        for (e, checked) in [(90, true), (-90, false), (0, true), (90, false)] {
+            let src = scaled(e);
+            let wd = dev.htod(&src).unwrap();
+            if checked {
+                quantize_to_marlin_into(&dev, &mut w, &wd).unwrap();
+            } else {
+                quantize_to_marlin_into_unchecked(&dev, &mut w, &wd).unwrap();
+            }
+            let (packed, scales) = lowbit::reference::quant::quantize_pack::<bf16, bf16>(&src, &shape).unwrap();
+            let wm = Problem { shape, packed, scales, g_idx: None }.w_matrix();
+            for first in (0..k).step_by(m) {
+                let x = one_hot_rows(m, k, first);
+                let (y, _) = run_rows(&dev, &w, &x, m, k, k, &mut ws);
+                common::assert_exact(
+                    &format!("g={gs} weights x 2^{e}, rows {first}.."),
+                    &y,
+                    &exact_ref(&x, m, k, &wm, n),
+                    n,
+                );
+            }
         }
     }
 }

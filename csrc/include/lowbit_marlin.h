@@ -51,6 +51,9 @@ typedef struct LowbitMarlinSyncParams {
     void *scales;
     unsigned long long *status; /* LOWBIT_STATUS_WORDS words (indices are per batch-flattened
                                  * element / group), or null: no checking */
+    uint32_t *scale_exp;        /* the kernels that write scales max into it the biased exponent
+                                 * fields of what they write (as lowbit_marlin_scale_exp_b16: the
+                                 * caller zeroes it first), or null */
     int64_t batch;
     int64_t n;
     int64_t k;

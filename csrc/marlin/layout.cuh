@@ -391,6 +391,20 @@ __device__ __forceinline__ float lanes_max(float x) {
     }
 }
 
+// The biased exponent field of a 16-bit scale read in the bf16 layout (bits 14..7): what
+// LowbitMarlinSyncParams::scale_exp and lowbit_marlin_scale_exp_b16 take the maximum of.
+template <typename S> __device__ __forceinline__ uint32_t exp_field(S v) {
+    static_assert(sizeof(S) == 2, "16-bit scales");
+    uint16_t b;
+    memcpy(&b, &v, 2);
+    return (uint32_t(b) >> 7) & 0xffu;
+}
+// One atomic per warp: the warp's running maximum of exp_field into *out (if any).
+__device__ __forceinline__ void publish_exp(uint32_t *out, uint32_t m) {
+    m = __reduce_max_sync(0xffffffffu, m);
+    if (out != nullptr && (threadIdx.x & 31) == 0 && m != 0) atomicMax(out, m);
+}
+
 // WIDTH = g / 16 lanes per group (g = 32, 64, 128) computes the scales inline; WIDTH = 0 reads the
 // scales the row-scale pass wrote (channelwise).
 template <typename T, typename S, int WIDTH>
@@ -412,6 +426,7 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
     const long long u_end = min(u + per, units);
     if (u >= u_end) return;
     Unit x = unit_of(u, k, n);
+    uint32_t emax = 0; // the scale range of the scales this thread writes (inline path)
     for (; u < u_end; ++u) {
         const bool active = 16 * kb < x.rows;
         const long long row_a = x.b * n + x.nt * kTileN + c; // batch-flattened weight rows
@@ -461,6 +476,7 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
                     report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)((row_a + 8) * groups + gi));
                 sc[dest_a] = st_a;
                 sc[dest_b] = st_b;
+                emax = max(emax, max(exp_field(st_a), exp_field(st_b)));
             }
         } else if (active) {
             sa = Num<S>::to_f32(sc[dest_a]);
@@ -502,6 +518,7 @@ __device__ __forceinline__ void sync_quantize(const LowbitMarlinSyncParams &p) {
         }
         x.rows = (int)min((long long)kStripK, k - x.k0);
     }
+    if constexpr (INLINE_SCALES) publish_exp(p.scale_exp, emax); // every lane of the warp gets here
 }
 
 // The inline kernels: one instance per group size (the lane width of the amax reduction).
@@ -525,6 +542,7 @@ __device__ __forceinline__ void sync_group_scales(const LowbitMarlinSyncParams &
     const long long total = p.batch * n * groups;
     const T *w = reinterpret_cast<const T *>(p.w);
     S *scales = reinterpret_cast<S *>(p.scales);
+    uint32_t emax = 0; // thread 0: the scale range of the scales this block writes
     for (long long gg = blockIdx.x; gg < total; gg += gridDim.x) {
         const long long nrow = gg / groups, gi = gg % groups;
         const long long e0 = nrow * k + gi * g;
@@ -549,8 +567,10 @@ __device__ __forceinline__ void sync_group_scales(const LowbitMarlinSyncParams &
             if (!isfinite(sf)) report(p.status, LOWBIT_STATUS_SCALE_OVERFLOW, (unsigned long long)gg);
             const long long b = nrow / n, row = nrow % n;
             scales[b * groups * n + scale_dest(gi * n + row, cw)] = stored;
+            emax = max(emax, exp_field(stored));
         }
     }
+    publish_exp(p.scale_exp, emax);
 }
 
 // The bf16 GEMM's scale range: max over the scales of the biased exponent field of |s| (bits
@@ -561,8 +581,7 @@ __device__ __forceinline__ void scale_exp(const LowbitMarlinScaleExpParams &p) {
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.count; i += stride)
         m = max(m, (uint32_t(__ldg(p.scales + i)) >> 7) & 0xffu);
-    m = __reduce_max_sync(0xffffffffu, m);
-    if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(p.out, m);
+    publish_exp(p.out, m);
 }
 
 } // namespace marlin

@@ -193,6 +193,7 @@ pub struct LowbitMarlinSyncParams {
     pub qweight: *mut i32,
     pub scales: *mut ::core::ffi::c_void,
     pub status: *mut ::core::ffi::c_ulonglong,
+    pub scale_exp: *mut u32,
     pub batch: i64,
     pub n: i64,
     pub k: i64,
@@ -202,7 +203,7 @@ pub struct LowbitMarlinSyncParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LowbitMarlinSyncParams"][::core::mem::size_of::<LowbitMarlinSyncParams>() - 72usize];
+    ["Size of LowbitMarlinSyncParams"][::core::mem::size_of::<LowbitMarlinSyncParams>() - 80usize];
     ["Alignment of LowbitMarlinSyncParams"][::core::mem::align_of::<LowbitMarlinSyncParams>() - 8usize];
     ["Offset of field: LowbitMarlinSyncParams::w"][::core::mem::offset_of!(LowbitMarlinSyncParams, w) - 0usize];
     ["Offset of field: LowbitMarlinSyncParams::qweight"]
@@ -211,15 +212,17 @@ const _: () = {
         [::core::mem::offset_of!(LowbitMarlinSyncParams, scales) - 16usize];
     ["Offset of field: LowbitMarlinSyncParams::status"]
         [::core::mem::offset_of!(LowbitMarlinSyncParams, status) - 24usize];
+    ["Offset of field: LowbitMarlinSyncParams::scale_exp"]
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, scale_exp) - 32usize];
     ["Offset of field: LowbitMarlinSyncParams::batch"]
-        [::core::mem::offset_of!(LowbitMarlinSyncParams, batch) - 32usize];
-    ["Offset of field: LowbitMarlinSyncParams::n"][::core::mem::offset_of!(LowbitMarlinSyncParams, n) - 40usize];
-    ["Offset of field: LowbitMarlinSyncParams::k"][::core::mem::offset_of!(LowbitMarlinSyncParams, k) - 48usize];
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, batch) - 40usize];
+    ["Offset of field: LowbitMarlinSyncParams::n"][::core::mem::offset_of!(LowbitMarlinSyncParams, n) - 48usize];
+    ["Offset of field: LowbitMarlinSyncParams::k"][::core::mem::offset_of!(LowbitMarlinSyncParams, k) - 56usize];
     ["Offset of field: LowbitMarlinSyncParams::group"]
-        [::core::mem::offset_of!(LowbitMarlinSyncParams, group) - 56usize];
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, group) - 64usize];
     ["Offset of field: LowbitMarlinSyncParams::channelwise"]
-        [::core::mem::offset_of!(LowbitMarlinSyncParams, channelwise) - 64usize];
-    ["Offset of field: LowbitMarlinSyncParams::pad_"][::core::mem::offset_of!(LowbitMarlinSyncParams, pad_) - 68usize];
+        [::core::mem::offset_of!(LowbitMarlinSyncParams, channelwise) - 72usize];
+    ["Offset of field: LowbitMarlinSyncParams::pad_"][::core::mem::offset_of!(LowbitMarlinSyncParams, pad_) - 76usize];
 };
 impl Default for LowbitMarlinSyncParams {
     fn default() -> Self {

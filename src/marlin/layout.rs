@@ -59,8 +59,9 @@ pub struct MarlinWeights<S> {
 /// Writes the scale range the bf16 GEMM needs (`LowbitMarlinGemmParams::scale_exp`: the largest
 /// biased exponent field among the 16-bit `scales`) into the device scalar `out`: a memset and
 /// one launch queued on lowbit's stream, no synchronisation (capturable). Every constructor of
-/// [`MarlinWeights`] / [`crate::marlin::gemm::MarlinExperts`] and every in-place weight sync runs
-/// it after the scales are final.
+/// [`MarlinWeights`] / [`crate::marlin::gemm::MarlinExperts`] runs it after the scales are final;
+/// the weight-sync kernels compute the same maximum while they write the scales
+/// (`LowbitMarlinSyncParams::scale_exp`), so a sync costs no extra launch.
 pub(crate) fn update_scale_exp<S: ScaleFloat>(
     dev: &Device,
     op: &'static str,

@@ -20,8 +20,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::format::QuantShape;
 use crate::marlin::layout::{
-    channelwise_scales, check_shape, qweight_len, scales_kernel, unrepack_words, update_scale_exp, MarlinWeights,
-    FAMILY, THREADS,
+    channelwise_scales, check_shape, qweight_len, scales_kernel, unrepack_words, MarlinWeights, FAMILY, THREADS,
 };
 use crate::quant::PackedWeights;
 
@@ -37,14 +36,17 @@ fn inline_scales(shape: &QuantShape) -> bool {
     [32, 64, 128].contains(&shape.group)
 }
 
-/// Launches the sync kernels writing into `qweight` / `scales`, then reads the status words.
+/// Launches the sync kernels writing into `qweight` / `scales` (and the scale range into
+/// `scale_exp`, zeroed first), then reads the status words.
 /// On error the outputs hold garbage; the caller drops or zeroes them.
+#[allow(clippy::too_many_arguments)]
 fn run_sync<T: Float, S: ScaleFloat>(
     dev: &Device,
     op: &'static str,
     w: &impl DevicePtr<T>,
     qweight: &mut cudarc::driver::CudaSlice<i32>,
     scales: &mut cudarc::driver::CudaSlice<S>,
+    scale_exp: &mut cudarc::driver::CudaSlice<u32>,
     shape: &QuantShape,
     check: bool,
 ) -> Result<()> {
@@ -55,10 +57,14 @@ fn run_sync<T: Float, S: ScaleFloat>(
     let pre =
         if inline { None } else { Some(dev.function(FAMILY, &format!("lowbit_marlin_sync_scales_{t}_{s}"), 0)?) };
     let mut status = if check { Some(crate::quant::new_status(dev)?) } else { None };
+    // The scale range (the GEMM's `scale_exp`) is max-ed in by the kernels that write scales.
+    dev.check_buffer(op, "scale_exp", scale_exp, 1)?;
+    dev.stream().memset_zeros(scale_exp).map_err(Error::cuda("cuMemsetD8"))?;
     {
         let (w_ptr, _g1) = dev.ptr(op, "weights", w, VEC_ALIGN)?;
         let (q_ptr, _g2) = dev.ptr_mut(op, "qweight", qweight, 4)?;
         let (s_ptr, _g3) = dev.ptr_mut(op, "scales", scales, 2)?;
+        let (e_ptr, _g4) = dev.ptr_mut(op, "scale_exp", scale_exp, 4)?;
         let status_guard = match status.as_mut() {
             Some(st) => Some(dev.ptr_mut(op, "status", st, 8)?),
             None => None,
@@ -68,6 +74,7 @@ fn run_sync<T: Float, S: ScaleFloat>(
             qweight: q_ptr as *mut _,
             scales: s_ptr as *mut _,
             status: status_guard.as_ref().map_or(0, |g| g.0) as *mut _,
+            scale_exp: e_ptr as *mut _,
             batch: 1,
             n: shape.n as i64,
             k: shape.k as i64,
@@ -117,8 +124,9 @@ pub fn quantize_to_marlin<T: Float, S: ScaleFloat>(
     // SAFETY: the sync kernels write every element of both outputs; on error they are dropped.
     let mut qweight = unsafe { dev.alloc_for_kernel::<i32>(qweight_len(shape))? };
     let mut scales = unsafe { dev.alloc_for_kernel::<S>(shape.scales_len())? };
-    run_sync::<T, S>(dev, OP, w, &mut qweight, &mut scales, shape, true)?;
-    MarlinWeights::assemble(dev, OP, qweight, scales, None, *shape)
+    let mut scale_exp = dev.zeros::<u32>(1)?;
+    run_sync::<T, S>(dev, OP, w, &mut qweight, &mut scales, &mut scale_exp, shape, true)?;
+    Ok(MarlinWeights { qweight, scales, perm: None, inv_perm: None, scale_exp, shape: *shape })
 }
 
 /// Checks that `w` can be quantized into `dst`'s buffers; returns the shape.
@@ -153,8 +161,7 @@ pub fn quantize_to_marlin_into<T: Float, S: ScaleFloat>(
 ) -> Result<()> {
     const OP: &str = "quantize_to_marlin_into";
     let shape = validate_into(dev, OP, dst, w)?;
-    let result = run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, true)
-        .and_then(|()| update_scale_exp(dev, OP, &dst.scales, &mut dst.scale_exp));
+    let result = run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &mut dst.scale_exp, &shape, true);
     if result.is_err() {
         let zero_q = dev.stream().memset_zeros(&mut dst.qweight);
         let zero_s = dev.stream().memset_zeros(&mut dst.scales);
@@ -176,8 +183,7 @@ pub fn quantize_to_marlin_into_unchecked<T: Float, S: ScaleFloat>(
 ) -> Result<()> {
     const OP: &str = "quantize_to_marlin_into_unchecked";
     let shape = validate_into(dev, OP, dst, w)?;
-    run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &shape, false)?;
-    update_scale_exp(dev, OP, &dst.scales, &mut dst.scale_exp)
+    run_sync::<T, S>(dev, OP, w, &mut dst.qweight, &mut dst.scales, &mut dst.scale_exp, &shape, false)
 }
 
 /// The exact inverse of the sync path: Marlin weights → compressed-tensors `weight_packed`
