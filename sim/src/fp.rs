@@ -2294,6 +2294,37 @@ mod tests {
         }
     }
 
+    /// PTX ISA §9.7.4.4 (`fma`, half precision): `.bf16`/`.bf16x2` have no `.ftz`, subnormal
+    /// inputs take part at their value. Subnormal `a` (bit patterns below 256 are `p · 2^-133`,
+    /// subnormals and the smallest binade alike) times a large `b` plus `c`, rounded once: the
+    /// exact f64 value `a·b + c` rounded by the reference table.
+    #[test]
+    fn fp_bf16_fma_subnormal_operands() {
+        let tb = table(false);
+        let mut g = Rng(0xb16f);
+        let (mut checked, mut rounded) = (0, 0);
+        for _ in 0..50_000 {
+            let p = (g.next() % 256) as u16; // 0 ..= 255: subnormal or the smallest binade
+            let b = ((g.next() % 200 + 54) as u16) << 7 | (g.next() % 128) as u16 | (g.next() as u16 & 0x8000);
+            let c = (g.next() as u16) & 0xff7f; // any finite sign/exponent below the maximum
+            let (x, y, z) = (bf16_to_f32(p) as f64, bf16_to_f32(b) as f64, bf16_to_f32(c) as f64);
+            assert_eq!(x, p as f64 * 2f64.powi(-133));
+            if !(y.is_finite() && z.is_finite()) {
+                continue;
+            }
+            let (sum, err) = two_sum(x * y, z); // x·y is exact (8 + 8 bits)
+            if err != 0.0 || sum == 0.0 {
+                continue; // the reference needs the exact, nonzero sum in one f64
+            }
+            checked += 1;
+            rounded += (bf16_to_f32(ref16(&tb, sum, Rnd::Rn, false)) as f64 != sum) as usize;
+            for r in MODES {
+                assert_eq!(bf16_fma(p, b, c, r, false), ref16(&tb, sum, r, false), "{p:#x} {b:#x} {c:#x} {r:?}");
+            }
+        }
+        assert!(checked > 8_000 && rounded > 4_000, "{checked} checked, {rounded} rounded");
+    }
+
     #[test]
     fn fp_half_ftz_sat_relu() {
         // .ftz: subnormal inputs and results are sign-preserving zeros
