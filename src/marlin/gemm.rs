@@ -75,9 +75,9 @@ pub enum BlockShape {
     /// 256 columns (four n-tiles), 64-deep stages: larger M, or `K % 128 != 0`.
     N256K64,
     /// 64 columns (one n-tile), 128-deep stages, 8 of them, 2 CTAs per SM: dense 9..=16 rows
-    /// when the grid is mostly stream-K, where it halves the bytes of each piece (16 rows ×
-    /// 64 f32) and cuts the number of pieces (fewer CTAs), with as many weight bytes in flight
-    /// per SM (2 × 7 stages × 4 KiB).
+    /// when its stream-K pieces are fewer bytes (half the bytes per piece, 16 rows × 64 f32, and
+    /// fewer pieces: fewer CTAs), with 2 × 7 stages × 4 KiB = 56 KiB of weights in flight per SM
+    /// (the m1 [`BlockShape::N128K128`] block: 72 KiB).
     N64K128,
 }
 
