@@ -888,7 +888,7 @@ impl<T: Half> MarlinLinear<T> {
 pub struct MarlinExperts<T> {
     pub(crate) qweight: CudaSlice<i32>,
     pub(crate) scales: CudaSlice<T>,
-    /// The scale range of every expert's scales for the bf16 GEMM (`layout::update_scale_exp`).
+    /// The scale range of every expert's scales for the bf16 GEMM (`layout::scale_exp_of`).
     pub(crate) scale_exp: CudaSlice<u32>,
     pub(crate) num_experts: usize,
     pub(crate) shape: QuantShape,

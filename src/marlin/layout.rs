@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::device::Device;
 use crate::dtype::ScaleFloat;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ffi;
 use crate::format::{check_len, QuantShape, PACK};
 use crate::quant::PackedWeights;
@@ -51,46 +51,36 @@ pub struct MarlinWeights<S> {
     pub(crate) perm: Option<CudaSlice<i32>>,
     /// The inverse of `perm` (`inv[perm[r]] = r`), for the exact restore.
     pub(crate) inv_perm: Option<CudaSlice<i32>>,
-    /// The scales' range for the bf16 GEMM (see [`update_scale_exp`]), kept in step with `scales`.
+    /// The scales' range for the bf16 GEMM (see [`scale_exp_of`]), kept in step with `scales`.
     pub(crate) scale_exp: CudaSlice<u32>,
     pub(crate) shape: QuantShape,
 }
 
-/// Writes the scale range the bf16 GEMM needs (`LowbitMarlinGemmParams::scale_exp`: the largest
-/// biased exponent field among the 16-bit `scales`) into the device scalar `out`: a memset and
-/// one launch queued on lowbit's stream, no synchronisation (capturable). Every constructor of
-/// [`MarlinWeights`] / [`crate::marlin::gemm::MarlinExperts`] runs it after the scales are final;
-/// the weight-sync kernels compute the same maximum while they write the scales
+/// A new device scalar holding the scale range the bf16 GEMM needs
+/// (`LowbitMarlinGemmParams::scale_exp`: the largest biased exponent field among the 16-bit
+/// `scales`): a zeroed allocation and one launch queued on lowbit's stream, no synchronisation.
+/// Every constructor of [`MarlinWeights`] / [`crate::marlin::gemm::MarlinExperts`] runs it on its
+/// final scales; the weight-sync kernels compute the same maximum while they write the scales
 /// (`LowbitMarlinSyncParams::scale_exp`), so a sync costs no extra launch.
-pub(crate) fn update_scale_exp<S: ScaleFloat>(
-    dev: &Device,
-    op: &'static str,
-    scales: &CudaSlice<S>,
-    out: &mut CudaSlice<u32>,
-) -> Result<()> {
-    dev.check_buffer(op, "scale_exp", out, 1)?;
-    dev.check_buffer(op, "scales", scales, scales.len())?;
-    dev.stream().memset_zeros(out).map_err(Error::cuda("cuMemsetD8"))?;
-    let func = dev.function(FAMILY, "lowbit_marlin_scale_exp_b16", 0)?;
-    let (s, _g1) = dev.ptr(op, "scales", scales, 2)?;
-    let (o, _g2) = dev.ptr_mut(op, "scale_exp", out, 4)?;
-    let params =
-        ffi::LowbitMarlinScaleExpParams { scales: s as *const _, out: o as *mut _, count: scales.len() as i64 };
-    let cfg = dev.grid_stride(scales.len(), THREADS, THREADS as usize * 16);
-    // SAFETY: `scales` holds `count` 16-bit elements (its own length; `S` is bf16 or f16) and
-    // `out` one u32 (checked above), zeroed just before on the same stream; the guards order the
-    // accesses on lowbit's stream until after the launch.
-    unsafe { dev.launch(&func, cfg, params) }
-}
-
-/// A new device scalar holding the scale range of `scales` (see [`update_scale_exp`]).
 pub(crate) fn scale_exp_of<S: ScaleFloat>(
     dev: &Device,
     op: &'static str,
     scales: &CudaSlice<S>,
 ) -> Result<CudaSlice<u32>> {
+    dev.check_buffer(op, "scales", scales, scales.len())?;
     let mut out = dev.zeros::<u32>(1)?;
-    update_scale_exp(dev, op, scales, &mut out)?;
+    let func = dev.function(FAMILY, "lowbit_marlin_scale_exp_b16", 0)?;
+    {
+        let (s, _g1) = dev.ptr(op, "scales", scales, 2)?;
+        let (o, _g2) = dev.ptr_mut(op, "scale_exp", &mut out, 4)?;
+        let params =
+            ffi::LowbitMarlinScaleExpParams { scales: s as *const _, out: o as *mut _, count: scales.len() as i64 };
+        let cfg = dev.grid_stride(scales.len(), THREADS, THREADS as usize * 16);
+        // SAFETY: `scales` holds `count` 16-bit elements (its own length; `S` is bf16 or f16) and
+        // `out` one u32, zeroed at allocation on the same stream; the guards order the accesses
+        // on lowbit's stream until after the launch.
+        unsafe { dev.launch(&func, cfg, params)? };
+    }
     Ok(out)
 }
 
